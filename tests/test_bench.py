@@ -1,0 +1,164 @@
+"""Tests of bench.py: the analytic FLOP count against torch's FlopCounterMode (both families, tiny shapes), the ratio
+and target logic, and the output files of a --preset tiny run (random tiny models and checkpoint folders)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import model
+
+torch.set_num_threads(1)  # tiny shapes: 1 thread avoids OpenMP spinning on a busy machine
+
+
+def _within(counted, analytic, tol=0.05):
+    assert counted > 0 and abs(counted / analytic - 1) <= tol, (counted, analytic)
+
+
+def test_cpu_sdpa_is_counted():
+    """torch has no FLOP formula for the CPU SDPA kernel; bench's counter adds the CUDA kernels' formula."""
+    q = torch.randn(2, 4, 10, 8)
+    k = torch.randn(2, 4, 15, 8)
+    flops = bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, k))
+    assert flops == 2 * 2 * (2 * 4 * 10 * 15 * 8)  # QK^T and AV, full (not causal-halved)
+
+
+@pytest.mark.parametrize("t,t_past,b", [(40, 0, 1), (25, 0, 3), (6, 30, 2)])
+def test_gpt2_analytic_matches_counter(t, t_past, b):
+    cfg = bench.shape_config("tiny-gpt2")
+    torch.manual_seed(0)
+    lm = model.build_model(cfg).eval()
+    ids = torch.randint(2, cfg["vocab_size"], (b, t))
+    with torch.inference_mode():
+        past = lm(torch.randint(2, 400, (1, t_past)), use_cache=True).past_key_values if t_past else None
+        counted = bench.count_flops(lambda: lm(ids, past_key_values=past))
+        masked = bench.count_flops(lambda: lm(ids, attention_mask=torch.ones(b, t_past + t), past_key_values=past))
+    analytic = bench.gpt2_flops(cfg, t, t_past, b)
+    _within(counted, analytic)
+    _within(masked, analytic)
+    # causal counting drops only part of the attention term
+    assert bench.gpt2_flops(cfg, t, t_past, b, causal=True) < analytic
+
+
+@pytest.mark.parametrize("t_enc,t_dec,b", [(30, 4, 1), (12, 7, 3)])
+def test_t5_analytic_matches_counter(t_enc, t_dec, b):
+    cfg = bench.shape_config("tiny-t5")
+    torch.manual_seed(0)
+    lm = model.build_model(cfg).eval()
+    enc_ids = torch.randint(2, cfg["vocab_size"], (b, t_enc))
+    dec_ids = torch.randint(2, cfg["vocab_size"], (b, t_dec))
+    with torch.inference_mode():
+        counted = bench.count_flops(lambda: lm(enc_ids, attention_mask=torch.ones(b, t_enc),
+                                               decoder_input_ids=dec_ids))
+        enc_only = bench.count_flops(lambda: lm.encode(enc_ids, attention_mask=torch.ones(b, t_enc)))
+    _within(counted, bench.t5_encoder_flops(cfg, t_enc, b) + bench.t5_decoder_flops(cfg, t_dec, t_enc, b))
+    _within(enc_only, bench.t5_encoder_flops(cfg, t_enc, b))
+
+
+def test_method_flops_ideal_and_prefix():
+    llm, dist = bench.shape_config("gpt2-xl"), bench.shape_config("gpt2")
+    s = bench.Shapes(ctx=848, l=100, x=53, opt=3, batch=1)
+    f = {m: bench.method_flops(m, "gpt2", llm, dist, s, ideal=True) for m in bench.METHODS}
+    assert f["zero_shot"] < f["prompt_tuning"] < f["mend"] < f["icl"]
+    assert f["mend_cached"] < f["icl_cached"] < f["zero_shot"] * 1.2          # only attention differs
+    assert f["mend"] - f["prompt_tuning"] == bench.distiller_flops("gpt2", dist, llm, s, ideal=True)
+    # the paper's headline at the longest context: about 3.5x fewer FLOPs than ICL (Fig. 3)
+    assert 3.5 <= f["icl"] / f["mend"] <= 5.0
+    # batch scales linearly (no padding); code-mirroring counts are >= the ideal (LM head at every position)
+    s4 = bench.Shapes(ctx=848, l=100, x=53, opt=3, batch=4)
+    assert bench.method_flops("icl", "gpt2", llm, dist, s4, ideal=True) == 4 * f["icl"]
+    assert all(bench.method_flops(m, "gpt2", llm, dist, s, ideal=False) >= f[m] for m in bench.METHODS)
+    assert bench.prefix_flops("icl_cached", llm, dist, s) > bench.prefix_flops("mend_cached", llm, dist, s) > 0
+    assert bench.prefix_flops("icl", llm, dist, s) == 0
+
+
+def _row(method, flops, ms, ideal, batch=1, llm="gpt2-xl", setting="non_nli_to_nli"):
+    return dict(setting=setting, llm=llm, method=method, batch=batch, flops=flops, ms=ms, _ideal=ideal,
+                flops_analytic=flops, context_len=848, peak_mb=None, kv_mb=None)
+
+
+def test_ratio_logic_and_targets():
+    rows = bench.add_ratios([
+        _row("icl", 400, 40.0, 400), _row("mend", 100, 20.0, 100), _row("prompt_tuning", 80, 10.0, 90),
+        _row("icl_cached", 60, 6.0, 60), _row("mend_cached", 50, 5.0, 50), _row("zero_shot", 50, 5.0, 50),
+        _row("icl", 800, 80.0, 800, batch=4), _row("mend", 400, 80.0, 400, batch=4),
+    ])
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert by["icl", 1]["flops_ratio"] == 1.0 and by["icl", 1]["ms_ratio"] == 1.0
+    assert by["mend", 1]["flops_ratio"] == 4.0 and by["mend", 1]["ms_ratio"] == 2.0
+    assert by["prompt_tuning", 1]["ideal_ratio"] == pytest.approx(400 / 90)
+    assert by["mend_cached", 1]["flops_ratio"] == pytest.approx(60 / 50)         # to icl_cached, not icl
+    assert by["icl_cached", 1]["flops_ratio"] == 1.0
+    assert by["mend", 4]["flops_ratio"] == 2.0 and by["mend", 4]["ms_ratio"] == 1.0  # same batch only
+    report = bench.target_report(rows, "cpu")
+    assert report[0].startswith("[met] measured FLOPs ratio within 5% of the ideal, MEND: worst +0.0%")
+    assert report[1].startswith("[MISSED] measured FLOPs ratio within 5% of the ideal, the other")  # 5.0 vs 4.44
+    assert "+12.5%" in report[1]
+    assert report[2].startswith("[met] 3.5x fewer FLOPs") and "4.00x" in report[2]
+    assert report[3].startswith("[MISSED] CPU latency") and "0.50" in report[3]  # 2.0 / 4.0
+    gpu = bench.target_report(rows, "cuda")
+    assert gpu[3].startswith("[met] GPU latency ratio >= 1.33x")
+    # a missing baseline leaves ratios empty instead of inventing them
+    lone = bench.add_ratios([_row("mend", 100, 20.0, 100)])
+    assert lone[0]["flops_ratio"] is None and lone[0]["ms_ratio"] is None
+
+
+def test_markdown_table_marks_unmeasured():
+    rows = bench.add_ratios([_row("icl", 4e9, 40.0, 4e9), _row("mend", 1e9, 20.0, 1e9)])
+    table = bench.markdown_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| setting | LLM | B | method | GFLOPs (counter)")
+    assert "| mend | 1.00 | 1.00 | 4.00x | 4.00x | 20.00 | 2.00x | n/a | n/a |" in lines[3]
+
+
+def test_rejects_too_few_runs():
+    with pytest.raises(ValueError, match="--runs 5"):
+        bench.resolve_args(bench.parse_args(["--preset", "tiny", "--runs", "5"]))
+
+
+KEYS = {"setting", "llm", "method", "batch", "flops", "flops_ratio", "ideal_ratio", "ms", "ms_ratio", "peak_mb",
+        "kv_mb", "device", "dtype"}
+
+
+def test_tiny_preset_writes_outputs(tmp_path, capsys):
+    rows = bench.main(["--preset", "tiny", "--out", str(tmp_path), "--threads", "1"])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved) == len(rows) == 2 * (6 + 4)          # batches 1, 2; gpt2: 6 methods, t5: 4 (no cached pair)
+    for r in saved:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["method"] in bench.METHODS and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["peak_mb"] is None and r["ms"] > 0 and r["flops"] > 0
+        assert abs(r["flops"] / r["flops_analytic"] - 1) < 0.05, r      # the code paths match the analytic count
+        assert (r["kv_mb"] is not None) == r["method"].endswith("_cached")
+    cached = {(r["llm"], r["batch"], r["method"]): r for r in saved}
+    # K and V of every layer, fp32: 2 * n_layer * prefix tokens * d * 4 bytes (|D| = 48, l = 8, d = 64, 2 layers)
+    assert cached["tiny-gpt2", 1, "icl_cached"]["kv_mb"] * 2 ** 20 == 2 * 2 * 48 * 64 * 4
+    assert cached["tiny-gpt2", 2, "mend_cached"]["kv_mb"] * 2 ** 20 == 2 * 2 * 8 * 64 * 4
+    assert cached["tiny-gpt2", 1, "icl"]["flops_ratio"] == 1.0
+    assert cached["tiny-gpt2", 1, "mend"]["flops_ratio"] > 1.0
+    assert "| setting | LLM | B | method |" in out and "targets:" in out
+    assert "| tiny | tiny-t5 | 2 | mend |" in out
+    assert (tmp_path / "bench.md").read_text().startswith("| setting |")
+
+
+def test_tiny_preset_from_checkpoints(tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir):
+    rows = bench.main(["--preset", "tiny", "--llm", str(tiny_gpt2_dir), "--distiller", str(tiny_gpt2_distiller_dir),
+                       "--batch", "1", "--out", "", "--threads", "1"])
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    assert rows[0]["llm"] == tiny_gpt2_dir.name
+    assert all(abs(r["flops"] / r["flops_analytic"] - 1) < 0.05 for r in rows)
+
+
+def test_tiny_preset_from_saved_mend(tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir):
+    import mend
+
+    torch.manual_seed(0)
+    module = mend.MEND(model.from_pretrained(str(tiny_gpt2_distiller_dir)), d_llm=64, l=5, llm_name="tiny-gpt2")
+    module.save(tmp_path / "mend")
+    rows = bench.main(["--preset", "tiny", "--llm", str(tiny_gpt2_dir), "--mend", str(tmp_path / "mend"),
+                       "--batch", "1", "--out", "", "--threads", "1"])
+    by = {r["method"]: r for r in rows}
+    assert by["mend"]["l"] == 5 and abs(by["mend"]["flops"] / by["mend"]["flops_analytic"] - 1) < 0.05
+    assert by["mend_cached"]["kv_mb"] < by["icl_cached"]["kv_mb"]

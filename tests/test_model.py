@@ -1,0 +1,448 @@
+"""Tests for model.py: logits parity with transformers (the numerical reference, test-only) on tiny random GPT-2
+and T5 models saved in every checkpoint layout found on the hub, padding / soft-prefix / KV-cache equivalences,
+loading errors, the offline hub-cache path, and the real files in ../shared/data."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model
+from conftest import shared_path
+
+transformers = pytest.importorskip("transformers")  # the numerical reference (requirements-test.txt)
+
+TOL = 1e-4  # max-abs logits difference allowed in fp32
+GPT2_CFG = dict(model_type="gpt2", vocab_size=120, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                bos_token_id=1, eos_token_id=1)
+T5_V10 = dict(model_type="t5", vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+              num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+              feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+              decoder_start_token_id=0)
+# v1.1: gated-GELU, untied head, d_kv * num_heads = 24 != d_model = 32, more decoder than encoder layers
+T5_V11 = dict(T5_V10, d_kv=6, num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def hf_gpt2(seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CFG)).eval()
+
+
+def hf_t5(cfg, seed=0):
+    torch.manual_seed(seed)
+    ref = transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg)).eval()
+    if not cfg["tie_word_embeddings"]:  # transformers >= 5 ties lm_head at init; give v1.1 its own head
+        ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(ref.lm_head.weight))
+    return ref
+
+
+def write_checkpoint(folder, config, sd, layout="safetensors"):
+    """Write `sd` (checkpoint keys) + config.json as one model.safetensors, 2 shards + index, or pytorch_model.bin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}  # no shared storage
+    if layout == "safetensors":
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "sharded":
+        keys = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, ks in shards.items():
+            save_file({k: sd[k] for k in ks}, str(folder / name), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif layout == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+def original_gpt2_keys(ref):
+    """The layout of the original hub files (openai-community/gpt2): no `transformer.` prefix, attn.bias and
+    attn.masked_bias buffers present, no lm_head."""
+    sd = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    n = GPT2_CFG["n_positions"]
+    for i in range(GPT2_CFG["n_layer"]):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def ids_batch(B=2, T=12, V=120, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, V, (B, T), generator=g)
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory):
+    """(transformers reference, our model loaded from transformers' save_pretrained folder, that folder)."""
+    ref = hf_gpt2()
+    folder = tmp_path_factory.mktemp("hf-gpt2")
+    ref.save_pretrained(folder)
+    return ref, model.from_pretrained(folder), folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 parity in every layout
+
+
+@pytest.mark.parametrize("layout", ["hf_save", "original", "bin_with_head", "sharded"])
+def test_gpt2_logits_match_transformers(tmp_path, layout):
+    ref = hf_gpt2()
+    if layout == "hf_save":
+        ref.save_pretrained(tmp_path)
+    elif layout == "original":
+        write_checkpoint(tmp_path, GPT2_CFG, original_gpt2_keys(ref))
+    elif layout == "bin_with_head":  # old pytorch_model.bin: prefix, buffers and the (tied) lm_head all present
+        write_checkpoint(tmp_path, GPT2_CFG, {**original_gpt2_keys(ref), **ref.state_dict()}, "bin")
+    else:
+        write_checkpoint(tmp_path, GPT2_CFG, ref.state_dict(), "sharded")
+    ours = model.from_pretrained(tmp_path)
+    assert isinstance(ours, model.GPT2) and not ours.training
+    ids = ids_batch()
+    with torch.no_grad():
+        out = ours(ids)
+        assert maxdiff(out.logits, ref(ids).logits) <= TOL
+        assert out.hidden_states.shape == (2, 12, 32) and out.past_key_values is None
+
+
+def test_gpt2_left_padding_and_holes_equal_unpadded_rows(gpt2_pair):
+    ref, ours, _ = gpt2_pair
+    rows = [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)]
+    T = 12
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask).logits
+        assert not out.isnan().any()
+        for b, r in enumerate(rows):
+            assert maxdiff(out[b, T - len(r):], ref(r[None]).logits[0]) <= TOL
+        # holes in the middle and right padding: positions come from the mask, so the hole is invisible
+        r = rows[0]
+        holed = torch.cat([r[:4], torch.tensor([0, 0]), r[4:9], torch.tensor([0])])[None]
+        hmask = torch.tensor([[1] * 4 + [0, 0] + [1] * 5 + [0]])
+        got = ours(holed, attention_mask=hmask).logits[0][hmask[0].bool()]
+        assert maxdiff(got, ref(r[None, :9]).logits[0]) <= TOL
+        # explicit position_ids give the same as positions derived from the mask
+        pos = (hmask.cumsum(-1) - 1).clamp(min=0)
+        assert maxdiff(ours(holed, attention_mask=hmask, position_ids=pos).logits[0][hmask[0].bool()], got) == 0
+
+
+def test_gpt2_inputs_embeds_equals_input_ids(gpt2_pair):
+    _, ours, _ = gpt2_pair
+    ids = ids_batch()
+    with torch.no_grad():
+        assert maxdiff(ours(inputs_embeds=ours.embed_tokens(ids)).logits, ours(ids).logits) <= TOL
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        ours()
+    with torch.no_grad():  # padding may make a batch longer than n_positions as long as the positions fit
+        long = torch.cat([torch.zeros(1, 10, dtype=torch.long), ids_batch(1, 60)], 1)
+        mask = (long != 0).long()
+        assert ours(long, attention_mask=mask).logits.shape == (1, 70, 120)
+        with pytest.raises(ValueError, match=re.escape("GPT2.forward: position 69 >= n_positions=64")):
+            ours(long)
+
+
+def test_return_logits_false_and_head(gpt2_pair, tmp_path):
+    _, ours, _ = gpt2_pair
+    ids = ids_batch()
+    with torch.no_grad():
+        full = ours(ids)
+        lean = ours(ids, return_logits=False)
+        assert lean.logits is None and maxdiff(ours.head(lean.hidden_states[:, -3:]), full.logits[:, -3:]) == 0
+        for cfg in (T5_V10, T5_V11):  # T5's head includes v1.0's d_model**-0.5 rescale
+            t5 = model.from_pretrained(write_checkpoint(tmp_path / cfg["feed_forward_proj"], cfg, hf_t5(cfg).state_dict()))
+            ids, mask, dec = t5_inputs()
+            full = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+            lean = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, return_logits=False)
+            assert lean.logits is None and maxdiff(t5.head(lean.hidden_states), full.logits) == 0
+
+
+def test_gpt2_kv_cache_prefix_plus_suffix_equals_full(gpt2_pair):
+    _, ours, _ = gpt2_pair
+    ids = ids_batch(2, 12)
+    with torch.no_grad():
+        full = ours(ids).logits
+        pre = ours(ids[:, :5], use_cache=True)
+        assert len(pre.past_key_values) == 2 and pre.past_key_values[0][0].shape == (2, 4, 5, 8)
+        assert maxdiff(ours(ids[:, 5:], past_key_values=pre.past_key_values).logits, full[:, 5:]) <= TOL
+        one = ours(ids[:, 5:6], past_key_values=pre.past_key_values).logits  # single-token step
+        assert maxdiff(one, full[:, 5:6]) <= TOL
+        # left-padded prefix: mask over past + current
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :2] = 0
+        full_m = ours(ids, attention_mask=mask).logits
+        pre = ours(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        got = ours(ids[:, 5:], attention_mask=mask, past_key_values=pre.past_key_values).logits
+        assert maxdiff(got, full_m[:, 5:]) <= TOL
+
+
+def test_gpt2_batch1_prefix_cache_reused_for_a_batch(gpt2_pair):
+    """A shared prefix (soft vectors S_D here) computed once with batch 1, then reused for 3 right-padded suffixes."""
+    _, ours, _ = gpt2_pair
+    torch.manual_seed(0)
+    prefix = torch.randn(1, 4, 32) * 0.1  # (1, l, d) soft prefix
+    suffix = ids_batch(3, 6, seed=3)
+    smask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    with torch.no_grad():
+        cache = ours(inputs_embeds=prefix, use_cache=True).past_key_values
+        mask = torch.cat([torch.ones(3, 4, dtype=torch.long), smask], 1)  # (B, T_past + T)
+        got = ours(suffix, attention_mask=mask, past_key_values=cache).logits  # (3, 6, V)
+        for b in range(3):
+            n = int(smask[b].sum())
+            emb = torch.cat([prefix[0], ours.embed_tokens(suffix[b, :n])])[None]
+            assert maxdiff(got[b, :n], ours(inputs_embeds=emb).logits[0, 4:]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T5 parity
+
+
+def t5_inputs():
+    ids, dec = ids_batch(2, 10, seed=4), ids_batch(2, 7, seed=5)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask, dec
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+@pytest.mark.parametrize("layout", ["hf_save", "duplicated_embeddings", "sharded"])
+def test_t5_logits_match_transformers(tmp_path, version, layout):
+    cfg = T5_V10 if version == "v1.0" else T5_V11
+    ref = hf_t5(cfg)
+    if layout == "hf_save":  # transformers >= 5 writes scale_decoder_outputs and tie_word_embeddings=true
+        ref.save_pretrained(tmp_path)
+    else:  # the full state dict: shared, encoder.embed_tokens, decoder.embed_tokens and lm_head all present
+        write_checkpoint(tmp_path, cfg, ref.state_dict(), "safetensors" if layout != "sharded" else "sharded")
+    ours = model.from_pretrained(tmp_path)
+    assert isinstance(ours, model.T5) and hasattr(ours, "lm_head") == (version == "v1.1")
+    ids, mask, dec = t5_inputs()
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        exp = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        assert maxdiff(out.logits, exp.logits) <= TOL
+        assert maxdiff(out.encoder_hidden_states, exp.encoder_last_hidden_state) <= TOL
+        assert out.hidden_states.shape == (2, 7, 32)
+
+
+def test_t5_padding_embeds_encoder_states_and_shift_right(tmp_path):
+    ref = hf_t5(T5_V11)
+    ours = model.from_pretrained(write_checkpoint(tmp_path, T5_V11, ref.state_dict()))
+    ids, _, dec = t5_inputs()
+    with torch.no_grad():
+        full = ours(input_ids=ids, decoder_input_ids=dec).logits
+        # encoder left padding + decoder right padding equal the unpadded row
+        pids = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+        pmask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], 1)
+        pdec = torch.cat([dec, torch.zeros(2, 2, dtype=torch.long)], 1)
+        dmask = torch.cat([torch.ones(2, 7, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)], 1)
+        got = ours(input_ids=pids, attention_mask=pmask, decoder_input_ids=pdec, decoder_attention_mask=dmask).logits
+        assert maxdiff(got[:, :7], full) <= TOL and not got.isnan().any()
+        assert maxdiff(got[:, :7], ref(input_ids=ids, decoder_input_ids=dec).logits) <= TOL
+        # inputs_embeds path and a precomputed encoder
+        assert maxdiff(ours(inputs_embeds=ours.embed_tokens(ids), decoder_input_ids=dec).logits, full) <= TOL
+        enc = ours.encode(input_ids=ids)
+        assert maxdiff(ours(encoder_hidden_states=enc, decoder_input_ids=dec).logits, full) <= TOL
+    labels = torch.tensor([[5, 6, 1, -100]])
+    assert ours.shift_right(labels).tolist() == [[0, 5, 6, 1]]
+    assert ref._shift_right(labels).tolist() == [[0, 5, 6, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# our save_pretrained <-> transformers, build_model, bf16
+
+
+@pytest.mark.parametrize("cfg", [GPT2_CFG, T5_V10, T5_V11], ids=["gpt2", "t5-v1.0", "t5-v1.1"])
+def test_transformers_loads_our_save_pretrained(tmp_path, cfg, tiny_tokenizer):
+    torch.manual_seed(0)
+    ours = model.build_model(cfg).eval()
+    model.save_pretrained(ours, tmp_path, tokenizer=tiny_tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    cls = transformers.GPT2LMHeadModel if cfg["model_type"] == "gpt2" else transformers.T5ForConditionalGeneration
+    ref = cls.from_pretrained(tmp_path).eval()
+    ids = ids_batch()
+    kw = {} if cfg["model_type"] == "gpt2" else dict(decoder_input_ids=ids[:, :5])
+    with torch.no_grad():
+        assert maxdiff(ours(ids, **kw).logits, ref(ids, **kw).logits) <= TOL
+        again = model.from_pretrained(tmp_path)  # and our own round trip is exact
+        assert maxdiff(again(ids, **kw).logits, ours(ids, **kw).logits) == 0
+    assert model.load_tokenizer(tmp_path).get_vocab_size() == tiny_tokenizer.get_vocab_size()
+    assert model.load_config(tmp_path)["model_type"] == cfg["model_type"]
+
+
+def test_build_model_init_like_transformers():
+    torch.manual_seed(0)
+    g = model.build_model(dict(GPT2_CFG, n_embd=64, vocab_size=2000))
+    assert abs(g.transformer.wte.weight.std().item() - 0.02) < 2e-3
+    assert abs(g.transformer.h[0].attn.c_proj.weight.std().item() - 0.02 / 2) < 2e-3  # 0.02 / sqrt(2 * n_layer)
+    assert g.transformer.ln_f.weight.eq(1).all() and g.transformer.h[0].attn.c_attn.bias.eq(0).all()
+    t = model.build_model(T5_V11)
+    assert abs(t.shared.weight.std().item() - 1.0) < 0.1
+    assert abs(t.encoder.block[0].layer[0].SelfAttention.q.weight.std().item() - (32 * 6) ** -0.5) < 0.02
+
+
+def test_bf16_smoke(gpt2_pair, tmp_path):
+    _, ours32, folder = gpt2_pair
+    ids = ids_batch()
+    with torch.no_grad():
+        lo = model.from_pretrained(folder, dtype=torch.bfloat16).transformer.wte.weight
+        assert lo.dtype == torch.bfloat16
+        g = model.from_pretrained(folder, dtype="bf16")
+        out = g(ids, attention_mask=torch.ones(2, 12, dtype=torch.long)).logits
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert maxdiff(out, ours32(ids).logits) < 0.05
+        t5 = model.from_pretrained(write_checkpoint(tmp_path, T5_V11, hf_t5(T5_V11).state_dict()), dtype=torch.bfloat16)
+        ids, mask, dec = t5_inputs()
+        out = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading errors, each with its exact message
+
+
+def _gpt2_folder(tmp_path, edit):
+    sd = dict(hf_gpt2().state_dict())
+    sd.pop("lm_head.weight")
+    edit(sd)
+    return write_checkpoint(tmp_path, GPT2_CFG, sd)
+
+
+def test_error_missing_tensor(tmp_path):
+    folder = _gpt2_folder(tmp_path, lambda sd: sd.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: tensor 'transformer.h.1.mlp.c_fc.bias' is missing "
+                            "from the checkpoint (the model expects shape (128,))")
+
+
+def test_error_unexpected_tensor(tmp_path):
+    folder = _gpt2_folder(tmp_path, lambda sd: sd.update({"transformer.h.2.ln_1.weight": torch.ones(32)}))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: unexpected tensor 'transformer.h.2.ln_1.weight' (32,) "
+                            "in the checkpoint (not in a gpt2 model of this config.json)")
+
+
+def test_error_wrong_shape(tmp_path):
+    folder = _gpt2_folder(tmp_path, lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(63, 32)}))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: tensor 'transformer.wpe.weight' has shape (63, 32) in "
+                            "the checkpoint but the model expects (64, 32)")
+
+
+def test_error_t5_missing_tensor_in_shards(tmp_path):
+    sd = dict(hf_t5(T5_V10).state_dict())
+    sd.pop("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    folder = write_checkpoint(tmp_path, T5_V10, sd, "sharded")
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder}: tensor 'decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight' "
+                            "is missing from the checkpoint (the model expects shape (8, 4))")
+
+
+def test_error_untied_gpt2_head(tmp_path):
+    ref = hf_gpt2()
+    sd = {**ref.state_dict(), "lm_head.weight": torch.zeros(120, 32)}
+    folder = write_checkpoint(tmp_path, GPT2_CFG, sd)
+    with pytest.raises(ValueError, match=re.escape("lm_head.weight different from transformer.wte.weight")):
+        model.from_pretrained(folder)
+
+
+def test_error_unsupported_model_type_and_no_weights(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(tmp_path / "bert")
+    assert str(e.value) == f"{tmp_path / 'bert' / 'config.json'}: model_type 'bert' is not supported; supported: gpt2, t5"
+    with pytest.raises(ValueError, match="model_type 'opt' is not supported; supported: gpt2, t5"):
+        model.build_model({"model_type": "opt"})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(GPT2_CFG))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors, model.safetensors.index.json or pytorch_model.bin"):
+        model.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json and no GPT-2 vocab.json"):
+        model.load_tokenizer(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hub ids, offline, through huggingface_hub's cache layout
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty HF_HUB_CACHE with HF_HUB_OFFLINE=1 (env and huggingface_hub's import-time constants)."""
+    import huggingface_hub.constants as C
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_id_loads_from_cache_offline(offline_hub, gpt2_pair, tiny_tokenizer):
+    _, ours, folder = gpt2_pair
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hub / "models--org--tiny-gpt2"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snap / name).write_bytes((folder / name).read_bytes())
+    tiny_tokenizer.save(str(snap / "tokenizer.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = model.from_pretrained("org/tiny-gpt2")
+    ids = ids_batch()
+    with torch.no_grad():
+        assert maxdiff(loaded(ids).logits, ours(ids).logits) == 0
+    assert model.load_config("org/tiny-gpt2")["n_embd"] == 32
+    assert model.load_tokenizer("org/tiny-gpt2").get_vocab_size() == tiny_tokenizer.get_vocab_size()
+    assert model.resolve("org/tiny-gpt2", ["config.json"]) == snap
+
+
+def test_hub_id_not_cached_fails_clearly(offline_hub):
+    for name in ("org/absent-model", "no/such/folder"):
+        with pytest.raises(FileNotFoundError) as e:
+            model.from_pretrained(name)
+        assert str(e.value).startswith(f"'{name}' is neither a local folder nor reachable on the Hugging Face hub")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real files from ../shared/data
+
+
+def c4_paragraph():
+    line = shared_path("c4", "c4-train.00000-of-01024.head1000.jsonl").open().readline()
+    return json.loads(line)["text"]
+
+
+def test_real_gpt2_tokenizer_files():
+    from tokenizers import Tokenizer
+
+    tok = model.load_tokenizer(shared_path("gpt2-tokenizer"))
+    assert tok.encode("Hello world").ids == [15496, 995]
+    assert tok.encode("<|endoftext|>").ids == [50256]
+    ref = Tokenizer.from_file(str(shared_path("hf-tiny-gpt2", "tokenizer.json")))
+    text = c4_paragraph()
+    assert len(text) > 200
+    ids = tok.encode(text).ids
+    assert ids == ref.encode(text).ids
+    assert tok.decode(ids) == text
+
+
+def test_real_third_party_checkpoint_matches_transformers():
+    folder = shared_path("hf-tiny-gpt2")
+    ours = model.from_pretrained(folder)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.tensor([model.load_tokenizer(folder).encode(c4_paragraph()).ids[:64]])
+    with torch.no_grad():
+        assert maxdiff(ours(ids).logits, ref(ids).logits) <= TOL
