@@ -180,13 +180,13 @@ class Shapes:
 def method_flops(method: str, family: str, llm_cfg: dict, dist_cfg: dict, s: Shapes, ideal: bool,
                  causal: bool = False) -> int:
     """Analytic FLOPs of one method per batch of queries (per-query work only; the cached pair's prefix is done
-    once per task and reported separately by prefix_flops). ideal=False mirrors mend.llm_logits: GPT-2 runs the
-    LM head at the x + option + 1 positions whose predictions it returns (never over the context), T5's decoder
-    at every option position; the distiller never runs its LM head. ideal=True is the least work a scorer needs:
+    once per task and reported separately by prefix_flops). ideal=False mirrors
+    mend.llm_logits(query_logits=False), as eval.py scores: GPT-2 runs the LM head at the option + 1 positions whose
+    predictions it returns (never over x or the context), T5's decoder at every option position; the distiller never runs its LM head. ideal=True is the least work a scorer needs:
     the LM head only at the positions that predict the option tokens."""
     b, q = s.batch, s.x + s.opt
     if family == "gpt2":
-        lm = (lambda t: s.opt) if ideal else (lambda t: q + 1)
+        lm = (lambda t: s.opt) if ideal else (lambda t: s.opt + 1)
         llm = {"zero_shot": lambda: gpt2_flops(llm_cfg, q, 0, b, lm(q), causal),
                "icl": lambda: gpt2_flops(llm_cfg, s.ctx + q, 0, b, lm(s.ctx + q), causal),
                "prompt_tuning": lambda: gpt2_flops(llm_cfg, s.l + q, 0, b, lm(s.l + q), causal),
@@ -373,11 +373,11 @@ def method_fns(m: Models, batch: EpisodeBatch):
     Returns {method: (fn, resident_bytes, kv_bytes)}."""
     llm_b = param_bytes(m.llm)
     fns = {
-        "zero_shot": (lambda: mend.llm_logits(m.llm, batch, None), llm_b, None),
-        "icl": (lambda: mend.llm_logits(m.llm, batch, "demonstrations"), llm_b, None),
-        "prompt_tuning": (lambda: mend.llm_logits(m.llm, batch, m.prompt.distill(batch.demo_ids, batch.demo_mask)),
+        "zero_shot": (lambda: mend.llm_logits(m.llm, batch, None, query_logits=False), llm_b, None),
+        "icl": (lambda: mend.llm_logits(m.llm, batch, "demonstrations", query_logits=False), llm_b, None),
+        "prompt_tuning": (lambda: mend.llm_logits(m.llm, batch, m.prompt.distill(batch.demo_ids, batch.demo_mask), query_logits=False),
                           llm_b + param_bytes(m.prompt), None),
-        "mend": (lambda: mend.llm_logits(m.llm, batch, m.mend.distill(batch.demo_ids, batch.demo_mask)),
+        "mend": (lambda: mend.llm_logits(m.llm, batch, m.mend.distill(batch.demo_ids, batch.demo_mask), query_logits=False),
                  llm_b + param_bytes(m.mend), None),
     }
     if not m.llm.is_encoder_decoder:   # T5's encoder is bidirectional: a demonstration prefix cannot be reused
@@ -385,16 +385,16 @@ def method_fns(m: Models, batch: EpisodeBatch):
         icl_cache = mend.prefix_cache(m.llm, demo1)
         s_d = m.mend.distill(demo1, batch.demo_mask[:1])                         # (1, l, d_llm), once per task
         mend_cache = mend.prefix_cache(m.llm, s_d)
-        fns["icl_cached"] = (lambda: mend.llm_logits(m.llm, batch, "demonstrations", cache=icl_cache), llm_b,
+        fns["icl_cached"] = (lambda: mend.llm_logits(m.llm, batch, "demonstrations", cache=icl_cache, query_logits=False), llm_b,
                              tensor_bytes(icl_cache.past_key_values))                # K/V only, no last logits
-        fns["mend_cached"] = (lambda: mend.llm_logits(m.llm, batch, s_d, cache=mend_cache), llm_b,
+        fns["mend_cached"] = (lambda: mend.llm_logits(m.llm, batch, s_d, cache=mend_cache, query_logits=False), llm_b,
                               tensor_bytes(mend_cache.past_key_values))
     return fns
 
 
 def bench_pair(m: Models, settings: dict, args, device, dtype) -> list:
     rows = []
-    vocab = m.llm.vocab_size
+    vocab = min(m.llm.vocab_size, m.mend.distiller.vocab_size)      # ids valid for both (same tokenizer family)
     for setting, ctx in settings.items():
         for b in args.batches:
             s = Shapes(ctx=ctx, l=m.mend.l, x=args.query_len - args.option_len, opt=args.option_len, batch=b)
@@ -442,15 +442,19 @@ def _fmt(v, spec, none="n/a"):
     return none if v is None else format(v, spec)
 
 
+def _gflops(v) -> str:
+    return f"{v / 1e9:.2f}" if v >= 1e8 else f"{v / 1e9:.2e}"     # tiny models: keep significant digits
+
+
 def markdown_table(rows: list) -> str:
     lines = ["| setting | LLM | B | method | GFLOPs (counter) | GFLOPs (analytic) | FLOPs ratio | ideal ratio "
              "| median ms | ms ratio | peak MB | KV MB |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['llm']} | {r['batch']} | {r['method']} | {r['flops'] / 1e9:.2f} "
-                     f"| {r['flops_analytic'] / 1e9:.2f} | {_fmt(r['flops_ratio'], '.2f')}x "
+        lines.append(f"| {r['setting']} | {r['llm']} | {r['batch']} | {r['method']} | {_gflops(r['flops'])} "
+                     f"| {_gflops(r['flops_analytic'])} | {_fmt(r['flops_ratio'], '.2f')}x "
                      f"| {_fmt(r['ideal_ratio'], '.2f')}x | {r['ms']:.2f} | {_fmt(r['ms_ratio'], '.2f')}x "
-                     f"| {_fmt(r['peak_mb'], '.0f')} | {_fmt(r['kv_mb'], '.1f')} |")
+                     f"| {_fmt(r['peak_mb'], '.0f')} | {_fmt(r['kv_mb'], '.3g')} |")
     return "\n".join(lines)
 
 

@@ -584,15 +584,17 @@ def load_meta_test(data_dir, setting, tokenizer, seeds=META_TEST_SEEDS, split="t
         for seed, qpath in found:
             if qpath not in cache:  # parse and tokenize each query file once (the test file is shared by seeds)
                 rows = read_jsonl(qpath, ttype)
-                rows = rows[:max_queries] if max_queries is not None else rows
                 answers = [r[2] if r[2] else [r[1]] for r in rows]  # free-form rows: the gold is the only option
                 enc = _encode_queries(tokenizer, [(r[0], a) for r, a in zip(rows, answers)], template,
                                       max_len_per_example)
-                cache[qpath] = (rows, answers, enc)
-            rows, answers, enc = cache[qpath]
+                # D's budget leaves room for the longest x + option of the WHOLE file, so D does not depend on
+                # --max_queries (smoke runs and validation see the demonstrations of the full evaluation)
+                longest = max((len(x) + max(len(o) for o in opts) for x, opts in enc), default=0)
+                n = len(rows) if max_queries is None else max_queries
+                cache[qpath] = (rows[:n], answers[:n], enc[:n], longest)
+            rows, answers, enc, longest = cache[qpath]
             train = read_jsonl(folder / f"{task}_16_{seed}_train.jsonl", ttype)
             rng = np.random.default_rng([perturb_seed, seed, zlib.crc32(task.encode())])
-            longest = max((len(x) + max(len(o) for o in opts) for x, opts in enc), default=0)
             budget = max(0, max_context if max_total is None else min(max_context, max_total - longest))
             demo_ids, n_demos = build_demonstrations(tokenizer, _perturb(train[:k], perturb, rng), template,
                                                      max_len_per_example, budget)

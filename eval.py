@@ -21,7 +21,6 @@ Connections: imports model.py (LLM + tokenizer), data.py (load_meta_test: tasks,
 mend.py (llm_logits / prefix_cache: how the LLM is conditioned; MEND / PromptTuning checkpoints). Never train.py.
 """
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -157,8 +156,6 @@ def score_queries(llm, queries: list, context=None, batch_size: int = 16, use_ca
     if use_cache and context is not None and not llm.is_encoder_decoder:
         prefix = torch.tensor(demo_ids, dtype=torch.long, device=device) if demo_ids is not None else context
         cache = mend.prefix_cache(llm, prefix)  # the shared prefix, once
-    # only the option tokens are scored: skip the head on the x positions where mend.llm_logits allows it
-    extra = {"query_logits": False} if "query_logits" in inspect.signature(mend.llm_logits).parameters else {}
     scores = []
     for group in _rows_of(queries, batch_size):
         qs = [queries[i] for i in group]
@@ -172,7 +169,7 @@ def score_queries(llm, queries: list, context=None, batch_size: int = 16, use_ca
                 ctx = "demonstrations"
             else:  # None or S_D (1, l, d) -> one copy per row
                 ctx = None if context is None else context.expand(batch.target_ids.size(0), -1, -1)
-            out = mend.llm_logits(llm, batch, ctx, cache=cache, **extra)
+            out = mend.llm_logits(llm, batch, ctx, cache=cache, query_logits=False)  # only options are scored
             ll = option_loglik(out.target, batch.target_ids, batch.target_mask)
         ll = ll.double().cpu().numpy()
         start = 0
@@ -359,11 +356,11 @@ class EvalConfig:
     max_queries: int = 0                    # cap queries per task (0 = all), for smoke runs
     no_cache: bool = False                  # recompute the shared prefix for every row (slow; for checking)
     out: str = ""                           # run folder for eval.json ('' = runs/eval-{split})
-    dtype: str = "float32"                  # the frozen LLM's dtype: float32 | bfloat16 | float16
+    dtype: str = "fp32"                     # the frozen LLM's dtype: fp32 | bf16 | fp16
     device: str = ""                        # '' = cuda if available else cpu
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the same names as train.py
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -409,14 +406,18 @@ def checkpoint_dir(cfg: EvalConfig, method: str, setting: str) -> Path:
     return Path(getattr(cfg, method) or f"runs/finetune-{method}-{setting}/best")
 
 
-def load_module(method: str, path: Path, llm_name: str, dtype=torch.float32, device="cpu"):
+def load_module(method: str, path: Path, llm_name: str, dtype=torch.float32, device="cpu", d_llm=None):
     """The checkpoint of a method: mend.PromptTuning for prompt_tuning, mend.MEND for hypertuning and mend (both
-    saved by their .save(dir)); mend.py refuses a checkpoint trained for another LLM."""
+    saved by their .save(dir)); mend.py refuses a checkpoint trained for another LLM, and so does a width that is
+    not the LLM's (d_llm: the LLM's hidden size, when known)."""
     module = mend.load(str(path), llm_name=llm_name, dtype=dtype, device=device)
     want = mend.PromptTuning if method == "prompt_tuning" else mend.MEND
     if not isinstance(module, want):
         raise ValueError(f"eval.py: --{method} {path}: expected a {want.__name__} checkpoint, "
                          f"got a {type(module).__name__} one")
+    if d_llm is not None and module.d_llm != d_llm:
+        raise ValueError(f"eval.py: --{method} {path} produces vectors of width {module.d_llm}: expected the "
+                         f"width of --llm {llm_name!r} ({d_llm})")
     return module
 
 
@@ -469,7 +470,7 @@ def main(argv=None) -> dict:
     llm = model.from_pretrained(cfg.llm, dtype=dtype, device=device).eval()
     tokenizer = model.load_tokenizer(cfg.llm)
     for m in list(modules):
-        modules[m] = load_module(m, modules[m], cfg.llm, torch.float32, device).eval()
+        modules[m] = load_module(m, modules[m], cfg.llm, torch.float32, device, d_llm=llm.hidden_size).eval()
         print(f"[eval] {m}: loaded {checkpoint_dir(cfg, m, setting)}")
 
     t0 = time.time()

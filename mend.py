@@ -288,13 +288,14 @@ def _context(llm, batch, context, dtype):
     return S, torch.ones(S.shape[:2], dtype=torch.long, device=S.device)           # S_D, Eq. 2
 
 
-def llm_logits(llm, batch, context=None, cache=None):
+def llm_logits(llm, batch, context=None, cache=None, query_logits=True):
     """The frozen LLM's next-token distributions for every token of x and y, conditioned on `context`:
     None (zero-shot) | "demonstrations" (vanilla ICL, the teacher, Eq. 1) | S_D (B or 1, l, d_llm) (Eq. 2).
     Decoder-only: one forward over concat(context, x, y) (rows packed, so padding never shifts a position).
     T5: encoder input [context; x], decoder input shift_right(y); query logits None.
     cache: a PrefixCache of a batch-1 prefix shared by every row; `context` is then ignored and only x+y (or y,
-    when the cache holds x too) is run, with the cache expanded to the batch."""
+    when the cache holds x too) is run, with the cache expanded to the batch.
+    query_logits=False skips the LM head over x (query None): scoring options needs only y's distributions."""
     B = batch.target_ids.size(0)
     dtype = next(llm.parameters()).dtype
     qmask, tmask = batch.query_mask.to(torch.long), batch.target_mask.to(torch.long)
@@ -338,7 +339,7 @@ def llm_logits(llm, batch, context=None, cache=None):
     # the LM head only where a prediction is needed (not over the demonstrations): the predictor of every x and
     # y token (the previous real position; newpos - 1) and the last real position ("after")
     Ty = batch.target_ids.size(1)
-    Tq = batch.query_ids.size(1) if with_query else 0
+    Tq = batch.query_ids.size(1) if with_query and query_logits else 0
     T = mask.size(1)
     pred = (newpos - 1)[:, T - Ty - Tq:]                                           # (B, Tq + Ty)
     idx = torch.cat([pred, pmask.sum(1, keepdim=True) - 1], 1)                     # (B, Tq + Ty + 1)
@@ -350,7 +351,7 @@ def llm_logits(llm, batch, context=None, cache=None):
     else:
         fallback = fallback[:, None, :].to(logits.dtype)
     logits = torch.where((idx >= 0)[..., None], logits, fallback)
-    q = logits[:, :Tq] if with_query else None
+    q = logits[:, :Tq] if with_query and query_logits else None
     return SegmentLogits(q, logits[:, Tq:Tq + Ty], logits[:, -1])
 
 

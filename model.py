@@ -1,4 +1,5 @@
-"""Hand-written GPT-2 and T5 in plain PyTorch, numerically identical to the Hugging Face reference, plus loading.
+"""Hand-written GPT-2, T5, OPT and Llama-style decoders in plain PyTorch, numerically identical to the Hugging Face
+reference, plus loading.
 
 MEND (Li et al., ICLR 2024) freezes a large language model (the LLM) and trains a small one of the same family
 (the distiller). Both are built here; nothing in this file knows about MEND or data (mend.py, data.py, train.py,
@@ -10,8 +11,13 @@ eval.py and bench.py import it, never the other way round).
   is computed once and reused across queries and answer options.
 - T5: encoder-decoder, v1.0 (t5-small/base/large: ReLU FFN, tied head with d_model**-0.5 output scaling) and
   v1.1 / lm-adapt / flan-t5 (gated-GELU, untied head); relative position bias, no 1/sqrt(d) scaling.
+- OPT (opt-125m ... opt-66b): learned positions with offset 2, ReLU FFN, pre-LN (opt-350m: post-LN with
+  project_in / project_out), tied or untied head. Llama-style (model_type llama, mistral, qwen2): RMSNorm, RoPE
+  (rope_theta; linear / llama3 scaling), SwiGLU, grouped-query attention, Qwen2's q/k/v biases. Both share GPT-2's
+  decoder-only interface (_DecoderLM): mask-derived positions, holes anywhere, batch-1 prefix caches.
 - from_pretrained(name_or_path): a local folder or a hub id (via huggingface_hub's cache), any of the real
-  checkpoint layouts; save_pretrained() writes the layout transformers' save_pretrained writes (atomically).
+  checkpoint layouts, sharded or not, loaded shard by shard and tensor by tensor straight into the target dtype
+  and device (class Checkpoint); save_pretrained() writes the layout transformers' save_pretrained writes.
 - load_tokenizer(): tokenizer.json, or GPT-2's vocab.json + merges.txt.
 
 Module and parameter names follow the checkpoints (GPT-2 keeps Conv1D's (in, out) weight layout), so loading a
@@ -240,7 +246,8 @@ class GPT2(nn.Module):
         presents = []
         for l, block in enumerate(self.transformer.h):
             x, kv = block(x, attn_mask, is_causal, None if past_key_values is None else past_key_values[l])
-            presents.append(kv)
+            if use_cache:  # else drop it now: with a cache expanded to a batch, keeping it costs B x the cache
+                presents.append(kv)
         h = self.transformer.ln_f(x)  # (B, T, d)
         logits = self.head(h) if return_logits else None  # return_logits=False: call head() on the rows needed
         return LMOutput(logits, h, tuple(presents) if use_cache else None)
@@ -262,21 +269,21 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
 
-def gpt2_keys(sd: dict, model: GPT2) -> dict:
-    """Checkpoint keys -> module keys: add the missing `transformer.` prefix (GPT2Model / original hub files),
-    drop the attn.bias / attn.masked_bias mask buffers and the tied lm_head."""
-    out = {}
-    for k, v in sd.items():
+def gpt2_keys(ckpt, model: GPT2) -> dict:
+    """Checkpoint keys -> module keys ({module key: checkpoint key}): add the missing `transformer.` prefix
+    (GPT2Model / original hub files), drop the attn.bias / attn.masked_bias mask buffers and the tied lm_head."""
+    plan = {}
+    for k in ckpt:
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         if k == "lm_head.weight":
-            wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
-            if wte is not None and (wte.shape != v.shape or not torch.equal(wte, v)):
+            wk = next((w for w in ("transformer.wte.weight", "wte.weight") if w in ckpt), None)
+            if wk is not None and (ckpt.shape(wk) != ckpt.shape(k) or not torch.equal(ckpt.get(wk), ckpt.get(k))):
                 raise ValueError("model.py: checkpoint has an lm_head.weight different from transformer.wte.weight; "
                                  "untied GPT-2 heads are not supported")
             continue
-        out[k if k.startswith("transformer.") else "transformer." + k] = v
-    return out
+        plan[k if k.startswith("transformer.") else "transformer." + k] = k
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,20 +480,450 @@ class T5(nn.Module):
                 nn.init.normal_(p, 0.0, f * std)
 
 
-def t5_keys(sd: dict, model: T5) -> dict:
+def t5_keys(ckpt, model: T5) -> dict:
     """Checkpoint keys -> module keys: keep one of the duplicated shared / encoder.embed_tokens /
     decoder.embed_tokens, drop a tied lm_head and the unused cross-attention relative bias."""
-    sd = dict(sd)
-    embeds = [sd.pop(k) for k in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-              if k in sd]
+    plan = {k: k for k in ckpt}
+    embeds = [plan.pop(k) for k in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+              if k in plan]
     if embeds:
-        sd["shared.weight"] = embeds[0]
-    sd.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+        plan["shared.weight"] = embeds[0]
+    plan.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in sd and "shared.weight" in sd:  # untied config saved with a tied head (as
-        sd["lm_head.weight"] = sd["shared.weight"]  # transformers >= 5 does for a fresh v1.1 model): copy it
-    return sd
+        plan.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in plan and embeds:  # untied config saved with a tied head (as transformers >= 5
+        plan["lm_head.weight"] = embeds[0]  # does for a fresh v1.1 model): the head gets a copy of the embeddings
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoder-only helpers shared by OPT and the Llama-style family (same mask / position / cache contract as GPT-2)
+
+
+def _decoder_inputs(who, x, attention_mask, past_key_values):
+    """-> (T_past, attn_mask, is_causal). attn_mask: None with is_causal (nothing padded or cached), else a boolean
+    (B|1, 1, T, T_past + T): causal, padding keys dropped, every query sees itself (padding rows are never NaN)."""
+    B, T, _ = x.shape
+    T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != T_past + T:
+        raise ValueError(f"{who}.forward: attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                         f"(B, T_past + T) = ({B}, {T_past + T})")
+    if T_past == 0 and (attention_mask is None or bool(attention_mask.all())):
+        return T_past, None, True
+    if attention_mask is None and T == 1:
+        return T_past, None, False  # one new token after a cache sees everything
+    i = torch.arange(T_past, T_past + T, device=x.device)[:, None]  # query positions in the sequence
+    j = torch.arange(T_past + T, device=x.device)[None]  # key positions
+    allowed = (j <= i)[None, None]  # (1, 1, T, T_k)
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask.bool()[:, None, None, :]) | (j == i)
+    return T_past, allowed, False
+
+
+def _with_past(k, v, past):
+    """Prepend a cached (k, v) (B or 1, H_kv, T_past, hd); a batch-1 cache is shared by the whole batch."""
+    if past is None:
+        return k, v
+    pk, pv = past
+    if pk.shape[0] != k.shape[0]:
+        pk, pv = pk.expand(k.shape[0], -1, -1, -1), pv.expand(k.shape[0], -1, -1, -1)
+    return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H_kv, T_past + T, hd)
+
+
+class _DecoderLM(nn.Module):
+    """What OPT and Llama share: the decoder-only interface of GPT2 (embed_tokens, head, forward contract).
+    Subclasses have an `embed` property (the nn.Embedding), self.lm_head (None when tied), _check_length and
+    _body(x, position_ids, attn_mask, is_causal, past_key_values, use_cache) -> (h after the final norm,
+    per-layer (k, v) when use_cache)."""
+    is_encoder_decoder = False
+
+    def embed_tokens(self, input_ids):  # (B, T) -> (B, T, d), token embeddings only
+        return self.embed(input_ids)
+
+    def head(self, h):  # (..., d) -> (..., V): tied (embedding matrix) or untied lm_head
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=False, return_logits=True) -> LMOutput:
+        who = type(self).__name__
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{who}.forward: give exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        T_past, attn_mask, is_causal = _decoder_inputs(who, x, attention_mask, past_key_values)
+        T = x.shape[1]
+        if position_ids is None and attention_mask is None:
+            position_ids = torch.arange(T_past, T_past + T, device=x.device)[None]  # (1, T)
+        elif position_ids is None:  # positions count real tokens only: left padding and holes do not shift them
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
+        self._check_length(who, T_past + T, position_ids)
+        h, presents = self._body(x, position_ids, attn_mask, is_causal, past_key_values, use_cache)
+        logits = self.head(h) if return_logits else None
+        return LMOutput(logits, h, tuple(presents) if use_cache else None)
+
+
+def _check_positions(who, n, position_ids, limit, what):
+    if n > limit and int(position_ids.max()) >= limit:
+        raise ValueError(f"{who}.forward: position {int(position_ids.max())} >= {what}={limit} (the sequence is "
+                         "too long)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OPT (facebook/opt-125m ... opt-66b; the paper's Appendix C runs opt-125m -> opt-6.7b)
+
+
+@dataclass
+class OPTConfig(_Config):
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True  # False: opt-350m's post-LN
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None  # None -> hidden_size; opt-350m: 512 with project_in / project_out
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    num_attention_heads: int = 12
+    activation_function: str = "relu"
+    init_std: float = 0.02
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    model_type: str = "opt"
+    extra: dict = field(default_factory=dict)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_head, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=cfg.enable_bias), nn.Linear(d, d, bias=cfg.enable_bias)
+        self.v_proj, self.out_proj = nn.Linear(d, d, bias=cfg.enable_bias), nn.Linear(d, d, bias=cfg.enable_bias)
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x, attn_mask, is_causal, past):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
+        k, v = _with_past(k, v, past)
+        # OPT scales q_proj's output by head_dim**-0.5: SDPA's default scale, the same up to float rounding
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        d, affine = cfg.hidden_size, cfg.layer_norm_elementwise_affine
+        self.pre_ln = cfg.do_layer_norm_before
+        self.self_attn = OPTAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1 = nn.Linear(d, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, d, bias=cfg.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.act, self.dropout = _act(cfg.activation_function), nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, is_causal, past):
+        a, kv = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, attn_mask, is_causal, past)
+        x = x + self.dropout(a)
+        if not self.pre_ln:  # opt-350m: post-LN
+            x = self.self_attn_layer_norm(x)
+        f = self.dropout(self.fc2(self.act(self.fc1(self.final_layer_norm(x) if self.pre_ln else x))))
+        x = x + f
+        return (x if self.pre_ln else self.final_layer_norm(x)), kv
+
+
+class OPT(_DecoderLM):
+    """OPTForCausalLM. Learned positions with OPT's offset of 2 (row p + 2 of embed_positions), pre-LN (or post-LN
+    for opt-350m, whose 512-wide embeddings go through project_in / project_out around the 1024-wide layers: then
+    hidden_size, the width of embed_tokens / inputs_embeds / hidden_states, is word_embed_proj_dim), ReLU FFN."""
+    POS_OFFSET = 2
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        c = self.config = config
+        d_emb = c.word_embed_proj_dim or c.hidden_size
+        self.hidden_size, self.vocab_size = d_emb, c.vocab_size
+        pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else None
+        dec = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, d_emb, padding_idx=pad),
+            embed_positions=nn.Embedding(c.max_position_embeddings + self.POS_OFFSET, c.hidden_size),
+            layers=nn.ModuleList([OPTDecoderLayer(c) for _ in range(c.num_hidden_layers)]),
+        ))
+        if c.do_layer_norm_before and not c._remove_final_layer_norm:
+            dec.final_layer_norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine)
+        if d_emb != c.hidden_size:
+            dec.project_in = nn.Linear(d_emb, c.hidden_size, bias=False)
+            dec.project_out = nn.Linear(c.hidden_size, d_emb, bias=False)
+        self.model = nn.ModuleDict(dict(decoder=dec))
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(d_emb, c.vocab_size, bias=False)
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def _check_length(self, who, n, position_ids):
+        _check_positions(who, n, position_ids, self.config.max_position_embeddings, "max_position_embeddings")
+
+    def _body(self, x, position_ids, attn_mask, is_causal, past_key_values, use_cache):
+        dec = self.model.decoder
+        if "project_in" in dec:
+            x = dec.project_in(x)
+        x = x + dec.embed_positions(position_ids + self.POS_OFFSET)  # (B, T, hidden); no embedding dropout in OPT
+        presents = []
+        for l, layer in enumerate(dec.layers):
+            x, kv = layer(x, attn_mask, is_causal, None if past_key_values is None else past_key_values[l])
+            if use_cache:  # else drop it now: with a cache expanded to a batch, keeping it costs B x the cache
+                presents.append(kv)
+        if "final_layer_norm" in dec:
+            x = dec.final_layer_norm(x)
+        if "project_out" in dec:
+            x = dec.project_out(x)
+        return x, presents
+
+    @torch.no_grad()
+    def init_weights(self):  # as transformers' OPTPreTrainedModel._init_weights
+        _init_decoder(self, self.config.init_std)
+
+
+def _init_decoder(model, std):
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, RMSNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def opt_keys(ckpt, model: OPT) -> dict:
+    """Checkpoint keys -> module keys: OPTForCausalLM saves `model.decoder.*` (+ lm_head.weight), OPTModel and the
+    original metaseq conversions `decoder.*`; a tied lm_head is dropped."""
+    plan = {}
+    for k in ckpt:
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if k.startswith("decoder."):
+            plan["model." + k] = k
+        else:
+            plan[k] = k
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama-style decoders: Llama 2 / 3, Mistral, Qwen2 / 2.5 (model_type llama, mistral, qwen2)
+
+
+@dataclass
+class LlamaConfig(_Config):
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (no GQA)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float | None = None  # transformers 4.x keys ...
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None  # ... and transformers >= 5's {"rope_type", "rope_theta", "factor", ...}
+    attention_bias: bool = False  # Qwen2: q/k/v biases always (its config has no such key)
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral (v0.1: 4096); Qwen2 only with use_sliding_window
+    use_sliding_window: bool = False
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict)
+
+    def rope(self) -> tuple[float, dict]:
+        """(rope_theta, scaling dict with "rope_type") from either the 4.x or the >= 5 keys."""
+        p = dict(self.rope_parameters or {})
+        theta = p.pop("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
+        scaling = dict(self.rope_scaling or p)
+        scaling.setdefault("rope_type", scaling.pop("type", "default"))
+        return float(theta), scaling
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        optional = ("rope_theta", "rope_scaling", "rope_parameters", "head_dim", "num_key_value_heads")
+        return {k: v for k, v in d.items() if v is not None or k not in optional}  # as the hub files: absent
+
+    def window(self) -> int | None:  # the sliding-window length that applies, if any
+        if self.model_type == "qwen2" and not self.use_sliding_window:
+            return None
+        return self.sliding_window
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: x / rms(x) in fp32, cast back to the input dtype, times the weight."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(cfg: LlamaConfig, head_dim: int, device) -> torch.Tensor:
+    """(head_dim / 2,) fp32 inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS for default / linear / llama3."""
+    theta, sc = cfg.rope()
+    kind = sc["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"model.py: rope_scaling type '{kind}' is not supported; expected one of {ROPE_TYPES}")
+    if sc.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("model.py: partial_rotary_factor != 1 is not supported")
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if kind == "linear":  # position interpolation: positions / factor == frequencies / factor
+        inv = inv / sc["factor"]
+    elif kind == "llama3":  # Llama 3.1: long wavelengths / factor, short kept, smooth in between
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = cfg.head_dim or d // self.n_head
+        if self.n_head % self.n_kv:
+            raise ValueError(f"model.py: num_attention_heads={self.n_head} is not a multiple of "
+                             f"num_key_value_heads={self.n_kv}")
+        qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"  # Qwen2: q/k/v biases, no o_proj bias
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=cfg.attention_bias)
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, past):  # cos, sin (B|1, 1, T, hd)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # RoPE at each token's position
+        k, v = _with_past(k, v, past)  # the cache keeps H_kv heads, already rotated
+        rep = self.n_head // self.n_kv  # grouped-query attention: each k/v head serves `rep` query heads
+        kk, vv = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+        y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class LlamaMLP(nn.Module):  # SwiGLU: down(silu(gate x) * up x)
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, f, bias=b), nn.Linear(d, f, bias=b), \
+            nn.Linear(f, d, bias=b)
+        self.act = _act(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, past):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Llama(_DecoderLM):
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM: RMSNorm, RoPE (rope_theta; linear or llama3
+    scaling) at the mask-derived positions, SwiGLU MLP, grouped-query attention, Qwen2's q/k/v biases, tied or
+    untied head. Mistral's sliding window is not implemented: sequences longer than the window are refused."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = self.config = config
+        self.hidden_size, self.vocab_size = c.hidden_size, c.vocab_size
+        pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else None
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=pad),
+            layers=nn.ModuleList([LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers)]),
+            norm=RMSNorm(c.hidden_size, c.rms_norm_eps),
+        ))
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+        rope_inv_freq(c, self.head_dim, "cpu")  # errors early on an unsupported rope_scaling
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def _check_length(self, who, n, position_ids):
+        w = self.config.window()
+        if w is not None and n > w:
+            raise ValueError(f"{who}.forward: {n} tokens > sliding_window={w}: the sliding-window attention of "
+                             f"{self.config.model_type} is not implemented (full attention is exact only up to the "
+                             "window)")
+
+    def _body(self, x, position_ids, attn_mask, is_causal, past_key_values, use_cache):
+        inv = rope_inv_freq(self.config, self.head_dim, x.device)  # (hd/2,) fp32
+        freqs = position_ids[..., None].float() * inv  # (B|1, T, hd/2)
+        emb = torch.cat([freqs, freqs], -1)[:, None]  # (B|1, 1, T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        presents = []
+        for l, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, attn_mask, is_causal, None if past_key_values is None else past_key_values[l])
+            if use_cache:
+                presents.append(kv)
+        return self.model.norm(x), presents
+
+    @torch.no_grad()
+    def init_weights(self):  # as transformers' LlamaPreTrainedModel._init_weights
+        _init_decoder(self, self.config.initializer_range)
+
+
+def llama_keys(ckpt, model: Llama) -> dict:
+    """Checkpoint keys -> module keys: add `model.` for LlamaModel-style files, drop old checkpoints' rotary_emb.inv_freq
+    buffers and a tied lm_head."""
+    plan = {}
+    for k in ckpt:
+        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        plan[k if k.startswith("model.") or k == "lm_head.weight" else "model." + k] = k
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,6 +932,10 @@ def t5_keys(sd: dict, model: T5) -> dict:
 FAMILIES = {  # model_type -> (config class, module class, checkpoint-key mapping, architectures entry)
     "gpt2": (GPT2Config, GPT2, gpt2_keys, "GPT2LMHeadModel"),
     "t5": (T5Config, T5, t5_keys, "T5ForConditionalGeneration"),
+    "opt": (OPTConfig, OPT, opt_keys, "OPTForCausalLM"),
+    "llama": (LlamaConfig, Llama, llama_keys, "LlamaForCausalLM"),
+    "mistral": (LlamaConfig, Llama, llama_keys, "MistralForCausalLM"),
+    "qwen2": (LlamaConfig, Llama, llama_keys, "Qwen2ForCausalLM"),
 }
 WEIGHT_FILES = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
@@ -575,31 +1016,84 @@ def _weight_files(folder: Path) -> list[Path]:
     return []
 
 
-def _read_weights(path: Path, dtype) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+class Checkpoint:
+    """The tensors of a checkpoint's weight files, read lazily: names and shapes come from the file headers and a
+    tensor is read only when asked for (safetensors through safe_open's mmap; pytorch_model.bin through
+    torch.load(mmap=True, weights_only=True) when the file allows it). Iterating gives the checkpoint keys."""
 
-        sd = load_file(str(path))
-    else:  # pytorch_model.bin fallback: tensors only, never arbitrary pickles
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self.files, self.file_of, self.shapes, self._bin = list(files), {}, {}, {}
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self.file_of[k], self.shapes[k] = f, tuple(h.get_slice(k).get_shape())
+            else:  # pytorch_model.bin fallback: tensors only, never arbitrary pickles
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy (non-zip) .bin files cannot be mmapped
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
+                self._bin[f] = sd
+                for k, v in sd.items():
+                    self.file_of[k], self.shapes[k] = f, tuple(v.shape)
+
+    def __iter__(self):
+        return iter(self.file_of)
+
+    def __contains__(self, key):
+        return key in self.file_of
+
+    def shape(self, key) -> tuple:
+        return self.shapes[key]
+
+    def get(self, key) -> torch.Tensor:
+        return next(t for _, t in self.tensors({key: key}))
+
+    def tensors(self, plan: dict, release: bool = False):
+        """Yield (module key, tensor) for {module key: checkpoint key}, one file open at a time, one tensor at a
+        time: peak host memory is about one shard's pages, never the whole checkpoint. release: unmap each .bin
+        shard once it has been read (the Checkpoint cannot read it again)."""
+        from safetensors import safe_open
+
+        for f in self.files:
+            todo = [(mk, ck) for mk, ck in plan.items() if self.file_of[ck] == f]
+            if not todo:
+                continue
+            if f in self._bin:
+                for mk, ck in todo:
+                    yield mk, self._bin[f][ck]
+                if release:
+                    del self._bin[f]
+                continue
+            with safe_open(str(f), framework="pt") as h:
+                for mk, ck in todo:
+                    yield mk, h.get_tensor(ck)
 
 
-def load_weights(model: nn.Module, sd: dict, where: str):
-    """Strictly load `sd` (module keys) into `model`: a missing, unexpected or mis-shaped tensor is an error."""
-    expected = model.state_dict()
-    for k, v in sd.items():
+def load_weights(model: nn.Module, ckpt: Checkpoint, plan: dict, where: str, dtype, device):
+    """Strictly load the checkpoint into a `model` built on the meta device: plan = {module key: checkpoint key}
+    (the family's key mapping). A missing, unexpected or mis-shaped tensor is an error (checked on the headers,
+    before anything is read). The parameters are allocated once, in `dtype` on `device`, then filled tensor by
+    tensor (dtype converted on the fly), so the host never holds the whole model twice."""
+    expected = model.state_dict()  # meta tensors: shapes only
+    for k, ck in plan.items():
         if k not in expected:
-            raise ValueError(f"{where}: unexpected tensor '{k}' {tuple(v.shape)} in the checkpoint (not in a "
+            raise ValueError(f"{where}: unexpected tensor '{k}' {ckpt.shape(ck)} in the checkpoint (not in a "
                              f"{model.config.model_type} model of this config.json)")
     for k, v in expected.items():
-        if k not in sd:
+        if k not in plan:
             raise ValueError(f"{where}: tensor '{k}' is missing from the checkpoint (the model expects shape "
                              f"{tuple(v.shape)})")
-        if sd[k].shape != v.shape:
-            raise ValueError(f"{where}: tensor '{k}' has shape {tuple(sd[k].shape)} in the checkpoint but the model "
+        if ckpt.shape(plan[k]) != tuple(v.shape):
+            raise ValueError(f"{where}: tensor '{k}' has shape {ckpt.shape(plan[k])} in the checkpoint but the model "
                              f"expects {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.to(dtype=dtype).to_empty(device=device)  # uninitialised storage in the target dtype on the target device
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for k, t in ckpt.tensors(plan, release=True):
+            targets[k].copy_(t)  # dtype / device conversion happens here, one tensor at a time
 
 
 def _dtype(dtype):
@@ -612,7 +1106,8 @@ def _dtype(dtype):
 
 
 def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Module:
-    """GPT2 or T5 (eval mode) from a local folder or a hub id, in `dtype` on `device`."""
+    """The model (eval mode) from a local folder or a hub id, built on the meta device and filled shard by shard,
+    tensor by tensor, straight into `dtype` on `device` (peak host memory: about one shard beyond the model)."""
     dtype = _dtype(dtype)
     folder = resolve(name_or_path, WEIGHT_FILES)
     config = load_config(folder)
@@ -623,13 +1118,11 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Modul
         files = _weight_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    with torch.device("meta"):  # no memory, no random init: the checkpoint's tensors are assigned below
+    with torch.device("meta"):  # no memory, no random init: the checkpoint's tensors are copied in below
         model = model_cls(cfg_cls.from_dict(config))
-    sd = {}
-    for f in files:
-        sd.update(_read_weights(f, dtype))
-    load_weights(model, keys(sd, model), str(files[0] if len(files) == 1 else folder))
-    return model.to(device=device, dtype=dtype).eval()
+    ckpt = Checkpoint(files)
+    load_weights(model, ckpt, keys(ckpt, model), str(files[0] if len(files) == 1 else folder), dtype, device)
+    return model.eval()
 
 
 def load_tokenizer(name_or_path):

@@ -77,6 +77,7 @@ class TrainConfig:
                                         # loads the pretrained placeholders over it)
     template: str = "space"             # MetaICL format: space | newline
     max_len: int = 1024                 # C4 passage length (Appendix A)
+    min_len: int = 64                   # C4 passages shorter than this (in tokens) are skipped
     lr: float = 5e-5                    # Table 5 (official finetune.sh: 1e-5)
     weight_decay: float = 0.0           # AdamW (0.9, 0.999), eps 1e-8, wd 0 (HF Trainer defaults)
     adam_eps: float = 1e-8
@@ -100,10 +101,25 @@ class TrainConfig:
     stop_at: int = 0                    # testing: stop after this step without the final save, like a kill
 
     def run_name(self) -> str:
-        """mend | hypertuning (CLM pretraining, L_pred-only finetuning of a MEND module) | prompt_tuning."""
+        """The method a run trains, for its default folder and eval.py's defaults:
+        prompt_tuning | mend (distill pretraining, finetune objective) | hypertuning (clm pretraining, and pred
+        finetuning of a clm-pretrained --init) | mend-clm_distill (the CLM + gamma*L_distill ablation) |
+        mend-pred (pred finetuning of anything else: the "MEND without L_distill" ablation of Table 4)."""
         if self.method == "prompt_tuning":
             return "prompt_tuning"
-        return "hypertuning" if self.objective in ("clm", "pred") else "mend"
+        if self.stage == "pretrain":
+            return {"distill": "mend", "clm": "hypertuning"}.get(self.objective, "mend-clm_distill")
+        if self.objective == "pred":
+            return "hypertuning" if _init_objective(self.init) == "clm" else "mend-pred"
+        return "mend"
+
+
+def _init_objective(init: str) -> str:
+    """The training objective recorded in an --init checkpoint (train_info.json of a best/ folder), or ''."""
+    try:
+        return str(json.loads((Path(init) / "train_info.json").read_text())["config"]["objective"]) if init else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _tuple(x):
@@ -190,7 +206,7 @@ def setup_distributed(cfg: TrainConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:
+    if device == "cuda":  # set_device needs an index: cuda:LOCAL_RANK (0 on one GPU)
         device = f"cuda:{local}"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -239,7 +255,7 @@ def load_llm(cfg: TrainConfig, device):
     try:
         llm = model.from_pretrained(cfg.llm, dtype=PRECISIONS[cfg.llm_dtype], device=device)
         tokenizer = model.load_tokenizer(cfg.llm)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         _fail(f"--llm {cfg.llm!r}: expected a local model folder or a Hugging Face hub id that can be fetched now "
               f"({e})")
     return mend.freeze(llm), tokenizer
@@ -267,6 +283,11 @@ def build_module(cfg: TrainConfig, llm, device):
             module = mend.load(path, llm_name=cfg.llm, device=device)
         except (ValueError, OSError, RuntimeError) as e:
             _fail(f"--init {cfg.init!r}: expected a MEND/PromptTuning checkpoint loadable for --llm {cfg.llm!r} ({e})")
+        if module.d_llm != llm.hidden_size:
+            _fail(f"--init {cfg.init!r} produces vectors of width {module.d_llm}: expected the width of --llm "
+                  f"{cfg.llm!r} ({llm.hidden_size})")
+        if module.l != cfg.l:
+            print(f"[train] note: --init {cfg.init} has l={module.l}; --l {cfg.l} is ignored")
         want = mend.PromptTuning if cfg.method == "prompt_tuning" else mend.MEND
         if not isinstance(module, want):
             _fail(f"--init {cfg.init!r} holds a {type(module).__name__} checkpoint: expected {want.__name__} for "
@@ -280,7 +301,7 @@ def build_module(cfg: TrainConfig, llm, device):
     else:
         try:
             distiller = model.from_pretrained(cfg.distiller, dtype=torch.float32, device=device)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             _fail(f"--distiller {cfg.distiller!r}: expected a local model folder or a Hugging Face hub id that can "
                   f"be fetched now ({e})")
         if distiller.is_encoder_decoder != llm.is_encoder_decoder:
@@ -289,6 +310,9 @@ def build_module(cfg: TrainConfig, llm, device):
         if distiller.vocab_size < llm.vocab_size:
             _fail(f"--distiller {cfg.distiller!r}: vocabulary of {distiller.vocab_size} tokens, expected at least the "
                   f"LLM's {llm.vocab_size} (the distiller reads the LLM tokenizer's ids)")
+        if cfg.stage == "finetune":
+            print(f"[train] note: finetuning without --init: the distiller {cfg.distiller} starts without "
+                  f"meta-distillation pretraining (the 'no pretraining' row of Table 4)")
         module = mend.MEND(distiller, llm.hidden_size, l=cfg.l, init=cfg.placeholder_init, llm_name=cfg.llm,
                            distiller_name=cfg.distiller)
     return module.float().to(device).train()
@@ -299,8 +323,8 @@ def build_stream(cfg: TrainConfig, setting: str, tokenizer, rank: int, world: in
     drawn once and the position rewound, so unreachable data fails here, before anything is written."""
     try:
         if cfg.stage == "pretrain":
-            stream = data.C4Stream(list(cfg.c4), tokenizer, beta=cfg.beta, max_len=cfg.max_len, seed=cfg.seed,
-                                   rank=rank, world_size=world)
+            stream = data.C4Stream(list(cfg.c4), tokenizer, beta=cfg.beta, max_len=cfg.max_len, min_len=cfg.min_len,
+                                   seed=cfg.seed, rank=rank, world_size=world)
         else:
             stream = data.MetaTrainSampler(cfg.data_dir, setting, tokenizer, k=cfg.k, seed=cfg.seed,
                                            template=cfg.template, rank=rank, world_size=world, verbose=rank == 0)
@@ -466,7 +490,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """On resume: drop the records of steps after the checkpoint (they are recomputed)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line half-written when the run was killed
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -488,8 +519,9 @@ def train(cfg: TrainConfig) -> dict:
         saved = state["config"]
         if mend._llm_key(saved["llm"]) != mend._llm_key(cfg.llm):
             _fail(f"--resume: {last} was trained for --llm {saved['llm']!r}: expected --llm {cfg.llm!r}")
-        for key in ("stage", "method", "objective"):
-            if saved[key] != getattr(cfg, key):
+        for key in ("stage", "method", "objective", "l", "k", "beta", "lam", "gamma", "temperature", "kl_window",
+                    "batch_size", "grad_accum", "lr", "schedule", "max_len", "template"):
+            if saved.get(key, getattr(cfg, key)) != getattr(cfg, key):
                 _fail(f"--resume: {last} has --{key} {saved[key]!r}: expected the same --{key} (got {getattr(cfg, key)!r})")
 
     llm, tokenizer = load_llm(cfg, device)
@@ -615,12 +647,15 @@ def train(cfg: TrainConfig) -> dict:
                    "lr": lr, "grad_norm": norm, "tokens_per_s": toks / max(now - t_win, 1e-9),
                    "skipped": skipped_total}
             rec["eta_s"] = (now - t_start) / max(step - step0, 1) * (cfg.max_steps - step)
+            if device.type == "cuda":  # peak GPU memory of this rank since the start (the README's footprint figures)
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             losses_seen.append(rec)
             if master:
                 terms_s = " ".join(f"{k} {rec[k]:.4f}" for k in keys if k != "loss")
                 print(f"[train] step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} ({terms_s}) | lr {rec['lr']:.2e} "
                       f"| {rec['tokens_per_s']:.0f} tok/s | grad {norm:.2f} | skipped {skipped_total} "
-                      f"| ETA {_fmt_time(rec['eta_s'])}", flush=True)
+                      f"| ETA {_fmt_time(rec['eta_s'])}"
+                      + (f" | peak {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else ""), flush=True)
                 _append_log(log_path, rec)
             window, n_win, tok_win, t_win = {}, 0, 0, now
 

@@ -343,7 +343,7 @@ def read_jsonl(path) -> list:
 
 
 def score_options(lm, tokenizer, contexts: list, options: list, batch_size: int = 64) -> list:
-    """Sum of log p(option tokens | context) for each (context, option) pair; context may be "" (zero-shot).
+    """Sum of log p(option tokens | context) for each (context, option) pair (context non-empty).
     GPT-2: one causal sequence [context; " option"]; T5: encoder = context, decoder = option."""
     import torch
 
@@ -360,11 +360,11 @@ def score_options(lm, tokenizer, contexts: list, options: list, batch_size: int 
                 tok = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * dec_mask
                 scores += tok.sum(1).tolist()
             else:
-                ids, mask = _pad([[1] + c + o for c, o in zip(ctx_ids, opt_ids)])    # <eos> as BOS
+                ids, mask = _pad([c + o for c, o in zip(ctx_ids, opt_ids)])            # no BOS, as in pretraining
                 logp = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
-                tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)            # (B, T-1)
+                tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)            # (B, T-1): predicts ids[:, 1:]
                 for i, (c, o) in enumerate(zip(ctx_ids, opt_ids)):
-                    scores.append(tok[i, len(c):len(c) + len(o)].sum().item())
+                    scores.append(tok[i, len(c) - 1:len(c) - 1 + len(o)].sum().item())
     return scores
 
 
@@ -389,7 +389,7 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
         for i, seed in enumerate(seeds):
             demos = read_jsonl(meta / "data" / task / f"{task}_16_{seed}_train.jsonl")
             D = " ".join(f"{d['input']} {d['output']}" for d in demos)
-            for method, prefix in (("zero_shot", ""), ("icl", D + " ")):
+            for method, prefix in (("zero_shot", " "), ("icl", D + " ")):   # the query is " x", as in data.py
                 if method == "zero_shot" and i > 0:   # zero-shot does not depend on the seed
                     acc[method].append(acc[method][-1])
                     continue
@@ -403,3 +403,45 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
     log(f"quick_icl_check: zero-shot {res['zero_shot']:.1f}%  ICL {res['icl']:.1f}%  chance {res['chance']:.1f}% "
         f"({len(test_tasks)} tasks x {len(seeds)} seeds, {res['seconds']:.0f}s)")
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The command line (phase 1: world + tiny LLM + distiller + quick ICL check; train/eval/bench come next)
+
+QUICK_LM = dict(steps=3000, batch_size=8)          # the CI-sized LM run (tests/test_world.py)
+FULL_LM = dict(steps=3000, batch_size=16)          # the quick start's LLM
+DISTILLER_LM = dict(n_embd=64, n_head=2, steps=1500, batch_size=16)   # the smaller distiller (same family)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The offline tiny world: generate tasks, train a tiny LLM from scratch.")
+    ap.add_argument("--out", required=True, help="output folder (world, models, results)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=("gpt2", "t5"), default="gpt2")
+    ap.add_argument("--quick", action="store_true", help="the CI-sized world and LM run")
+    ap.add_argument("--steps", type=int, default=None, help="LLM pretraining steps (default: 3000)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    t0 = time.time()
+    wcfg = WorldConfig.quick(args.seed) if args.quick else WorldConfig(seed=args.seed)
+    summary = generate_world(out / "world", wcfg)
+    print(f"[world] {len(summary['train_tasks'])} meta-train / {len(summary['test_tasks'])} meta-test tasks, "
+          f"{wcfg.n_passages} passages, chance {summary['chance']:.1f}% ({time.time() - t0:.0f}s)")
+    tokenizer = train_tokenizer(corpus_texts(out / "world"))
+    llm = dict(QUICK_LM if args.quick else FULL_LM, family=args.family, seed=args.seed, threads=args.threads)
+    if args.steps:
+        llm["steps"] = args.steps
+    r = pretrain_lm(out / "world", out / "llm", LMConfig(**llm), tokenizer=tokenizer)
+    print(f"[llm] {args.family} pretrained in {r['seconds']:.0f}s, loss {r['final_loss']:.3f}")
+    dist = dict(DISTILLER_LM, family=args.family, seed=args.seed, threads=args.threads)
+    r = pretrain_lm(out / "world", out / "distiller", LMConfig(**dist), tokenizer=tokenizer)
+    print(f"[distiller] {args.family} d={dist['n_embd']} pretrained in {r['seconds']:.0f}s, loss {r['final_loss']:.3f}")
+    acc = quick_icl_check(out / "llm", out / "world")
+    _write_json(out / "results.json", {"methods": {"zero_shot": acc["zero_shot"], "icl": acc["icl"]},
+                                       "chance": acc["chance"], "seconds": time.time() - t0})
+    print(f"[done] {time.time() - t0:.0f}s, results in {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -145,6 +145,18 @@ def test_meta_test_budget_keeps_teacher_within_max_total(tmp_path, tiny_tokenize
     assert t2.n_demos == 16 and len(t2.demo_ids) > len(t.demo_ids)
 
 
+def test_meta_test_demonstrations_do_not_depend_on_max_queries(tmp_path, tiny_tokenizer):
+    """The long query is last in the file: a smoke run with max_queries=1 must still see the full run's D."""
+    demos = [row(" ".join(["red cube"] * 40), "positive") for _ in range(16)]
+    root = make_metaicl(tmp_path, {}, {"te": demos})
+    write_rows(root / "data" / "te" / "te_16_100_test.jsonl",
+               [dict(task="te", **r) for r in demos[:1] + [row(" ".join(["blue sphere"] * 200), "negative")]])
+    (full,), _ = data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), verbose=False)
+    (smoke,), _ = data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), max_queries=1, verbose=False)
+    assert len(smoke.queries) == 1 and len(full.queries) == 2
+    assert smoke.demo_ids == full.demo_ids and smoke.n_demos == full.n_demos < 16
+
+
 # ------------------------------------------------------------------------------------------------ meta-train sampler
 
 def test_sampler_deterministic_sharded_and_resumable(tiny_metaicl_dir, tiny_tokenizer):

@@ -263,8 +263,12 @@ def test_checkpoint_of_another_llm_is_refused(tmp_path, tiny_gpt2_dir, tiny_gpt2
 @pytest.mark.parametrize("flags", [["--k", "4", "--perturb", "random_label", "--template", "newline"],
                                    ["--select", "bm25", "--perturb", "no_label"],
                                    ["--select", "dense", "--eval_split", "dev"]])
-def test_analysis_flags(flags, tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir):
+def test_analysis_flags(flags, tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, monkeypatch):
+    """Each analysis flag reaches data.load_meta_test (whose effect on D is tested in test_data.py) and shows in
+    the run's configuration."""
     dirs = _save_checkpoints(tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir, 64)
+    calls, real = [], ev.data.load_meta_test
+    monkeypatch.setattr(ev.data, "load_meta_test", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     r = _run(["--llm", tiny_gpt2_dir, "--data_dir", tiny_metaicl_dir, "--split", "tiny", "--seeds", "2",
               "--methods", "icl", "mend", "--mend", dirs["mend"], "--batch_size", "4", "--max_queries", "5"] + flags,
              tmp_path / "out")
@@ -273,6 +277,13 @@ def test_analysis_flags(flags, tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir,
         key = flags[i][2:]
         assert str(r["config"][key]) == flags[i + 1]
     assert all(run["n_queries"] == 5 for run in r["methods"]["icl"]["runs"])
+    wiring = {"--k": ("k", int), "--perturb": ("perturb", str), "--template": ("template", str),
+              "--select": ("select", str), "--eval_split": ("split", str)}
+    (kw,) = calls
+    for i in range(0, len(flags), 2):
+        name, conv = wiring[flags[i]]
+        assert kw[name] == conv(flags[i + 1])
+    assert (kw["embed_fn"] is not None) == ("dense" in flags)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,3 +375,10 @@ def test_evaluate_tasks_restores_modes_and_logs(tiny_gpt2_dir, tiny_gpt2_distill
     llm.eval()
     module.eval()
     assert [r["preds"] for r in ev.evaluate_tasks(llm, "mend", module, tasks, log=None)] == [r["preds"] for r in runs]
+
+
+def test_checkpoint_of_another_width_is_refused(tmp_path, tiny_gpt2_dir):
+    """Same LLM name, different width (e.g. two local folders called 'llm'): refused before any scoring."""
+    mend.PromptTuning(4, 32, llm_name=str(tiny_gpt2_dir)).save(tmp_path / "pt")
+    with pytest.raises(ValueError, match=r"produces vectors of width 32: expected the width of --llm .* \(64\)"):
+        ev.load_module("prompt_tuning", tmp_path / "pt", str(tiny_gpt2_dir), d_llm=64)

@@ -193,6 +193,19 @@ def test_llm_logits_align_with_a_direct_forward(family, context):
                 assert close(seg.query[i, :nq], q[0])
 
 
+def test_query_logits_false_skips_x_and_keeps_targets(family):
+    llm = family.llm
+    batch = make_batch(make_rows(3))
+    with torch.no_grad():
+        for context in (None, "demonstrations"):
+            full = mend.llm_logits(llm, batch, context)
+            lean = mend.llm_logits(llm, batch, context, query_logits=False)
+            assert lean.query is None
+            assert torch.equal(lean.target, full.target)
+            if not llm.is_encoder_decoder:
+                assert torch.equal(lean.after, full.after)
+
+
 def test_sd_conditioning_batch_equals_rows_alone(family):
     m = build_mend(family)
     batch = make_batch(make_rows(4))
@@ -269,9 +282,16 @@ def test_objectives(family, objective):
     assert set(out) == keys | {"loss"} and all(torch.isfinite(v) for v in out.values())
     if objective == "clm+distill":
         assert abs(out["loss"].item() - (out["clm"].item() + 2.0 * out["distill"].item())) < 1e-5
-    with torch.no_grad():  # the student's KL at the teacher's own input is zero: teacher vs itself
-        t = mend.llm_logits(family.llm, batch, "demonstrations")
-        assert mend.kl_distill_loss(t.target, t.target, batch.target_mask).item() < 1e-6
+    if "distill" in out:  # L_distill is Eq. 3 over the query positions: x and y (GPT-2), y (T5)
+        with torch.no_grad():
+            t = mend.llm_logits(family.llm, batch, "demonstrations")
+            st = mend.llm_logits(family.llm, batch, m.distill(batch.demo_ids, batch.demo_mask))
+            if family.llm.is_encoder_decoder:
+                ref = mend.kl_distill_loss(t.target, st.target, batch.target_mask)
+            else:
+                ref = mend.kl_distill_loss(torch.cat([t.query, t.target], 1), torch.cat([st.query, st.target], 1),
+                                           torch.cat([batch.query_mask, batch.target_mask], 1))
+        assert ref.item() > 1e-4 and abs(out["distill"].item() - ref.item()) < 1e-5 * max(1.0, ref.item())
 
 
 def test_official_kl_window_differs_and_works(tiny_gpt2_dir, tiny_gpt2_distiller_dir):

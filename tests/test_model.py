@@ -360,9 +360,10 @@ def test_error_unsupported_model_type_and_no_weights(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError) as e:
         model.from_pretrained(tmp_path / "bert")
-    assert str(e.value) == f"{tmp_path / 'bert' / 'config.json'}: model_type 'bert' is not supported; supported: gpt2, t5"
-    with pytest.raises(ValueError, match="model_type 'opt' is not supported; supported: gpt2, t5"):
-        model.build_model({"model_type": "opt"})
+    assert str(e.value) == (f"{tmp_path / 'bert' / 'config.json'}: model_type 'bert' is not supported; "
+                            "supported: gpt2, llama, mistral, opt, qwen2, t5")
+    with pytest.raises(ValueError, match="model_type 'bloom' is not supported; supported: gpt2, llama, mistral"):
+        model.build_model({"model_type": "bloom"})
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(GPT2_CFG))
     with pytest.raises(FileNotFoundError, match="no model.safetensors, model.safetensors.index.json or pytorch_model.bin"):

@@ -158,6 +158,40 @@ def test_baselines_and_default_run_folders(sharp_gpt2_dir, tiny_gpt2_distiller_d
     assert b < 0.95 * a, (a, b)
 
 
+def test_run_names_keep_ablations_apart_from_baselines(tmp_path):
+    """Every trained variant gets its own default folder: the no-L_distill ablation never lands where eval.py
+    looks for HyperTuning."""
+    clm = tmp_path / "clm"
+    clm.mkdir()
+    (clm / "train_info.json").write_text(json.dumps({"config": {"objective": "clm"}}))
+    cfg = lambda **kw: train.TrainConfig(**kw)  # noqa: E731
+    assert cfg(stage="pretrain", objective="distill").run_name() == "mend"
+    assert cfg(stage="pretrain", objective="clm").run_name() == "hypertuning"
+    assert cfg(stage="pretrain", objective="clm+distill").run_name() == "mend-clm_distill"
+    assert cfg(stage="finetune", objective="finetune").run_name() == "mend"
+    assert cfg(stage="finetune", objective="pred", init=str(clm)).run_name() == "hypertuning"
+    assert cfg(stage="finetune", objective="pred", init=str(tmp_path / "distill-run")).run_name() == "mend-pred"
+    assert cfg(stage="finetune", method="prompt_tuning", objective="pred").run_name() == "prompt_tuning"
+
+
+def test_single_gpu_device_gets_an_index(monkeypatch):
+    """torch.cuda.set_device needs an indexed device: plain --device cuda on one GPU must become cuda:0."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(torch.device(d)))
+    for flag in ("", "cuda"):
+        rank, world, device = train.setup_distributed(train.TrainConfig(device=flag))
+        assert (rank, world, str(device)) == (0, 1, "cuda:0")
+    assert seen == [torch.device("cuda:0")] * 2
+
+
+def test_truncate_log_drops_a_half_written_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "train", "st')
+    train._truncate_log(log, 1)
+    assert log.read_text() == '{"type": "train", "step": 1}\n'
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # exact resume, DDP equality
 
