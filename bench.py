@@ -73,8 +73,26 @@ TINY_SHAPES = {
 }
 
 
+# Issue 10: OPT (the paper's App. C pair opt-125m -> opt-6.7b) and a 7B Llama-style LLM with a distiller of the
+# same tokenizer (TinyLlama-1.1B shares Llama-2's); GPU-sized: on a CPU use --flops-only (FLOPs from configs alone).
+OPT_BASE = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True,
+                activation_function="relu", dropout=0.0, tie_word_embeddings=True, pad_token_id=1)
+LLAMA_BASE = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  hidden_act="silu", tie_word_embeddings=False)
+DECODER_SHAPES = {
+    "opt-125m": dict(OPT_BASE, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    "opt-6.7b": dict(OPT_BASE, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+    "llama-2-7b": dict(LLAMA_BASE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "tinyllama-1.1b": dict(LLAMA_BASE, max_position_embeddings=2048, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+}
+
+
 def shape_config(name: str) -> dict:
     """config.json dict of a named shape (no download)."""
+    if name in DECODER_SHAPES:
+        return dict(DECODER_SHAPES[name])
     if name in GPT2_SHAPES:
         return dict(GPT2_BASE, **GPT2_SHAPES[name])
     if name in T5_SHAPES:
@@ -82,13 +100,14 @@ def shape_config(name: str) -> dict:
     if name in TINY_SHAPES:
         return dict(TINY_SHAPES[name])
     raise ValueError(f"bench.py: unknown model shape {name!r}; expected one of "
-                     f"{sorted(GPT2_SHAPES) + sorted(T5_SHAPES) + sorted(TINY_SHAPES)} or a checkpoint folder")
+                     f"{sorted(GPT2_SHAPES) + sorted(T5_SHAPES) + sorted(DECODER_SHAPES) + sorted(TINY_SHAPES)} or a "
+                     "checkpoint folder")
 
 
 @dataclass
 class Pair:
     """One LLM and the distiller MEND uses for it."""
-    family: str          # "gpt2" | "t5"
+    family: str          # "t5" | a decoder-only family ("gpt2", "opt", "llama")
     llm: str             # shape name or checkpoint folder
     distiller: str       # shape name or checkpoint folder (ignored when mend_dir is given)
     mend_dir: str = ""   # a saved MEND (mend.MEND.save) to load instead of a random distiller
@@ -114,6 +133,8 @@ PRESETS = {
                                    Pair("t5", "t5-large-lm-adapt", "t5-small-lm-adapt")]),
     # CPU-sized: the paper's longest setting with every length divided by 4 (|D|/l and x/l kept), distilgpt2-shaped
     # distiller for a gpt2-medium-shaped LLM (82M : 355M ~ 124M : 774M), batch 1.
+    # issue 10: a 7B LLM of each new family with its distiller, at the Fig. 3 settings (GPU; or --flops-only)
+    "llm7b": Preset(FIG3_SETTINGS, [Pair("opt", "opt-6.7b", "opt-125m"), Pair("llama", "llama-2-7b", "tinyllama-1.1b")]),
     "small": Preset({"non_nli_to_nli/4": 212}, [Pair("gpt2", "gpt2-medium", "distilgpt2")],
                     l=25, query_len=14, option_len=3, batch="1", runs=20, warmup=1),
     "tiny": Preset({"tiny": 48}, [Pair("gpt2", "tiny-gpt2", "tiny-gpt2-distiller"),
@@ -134,15 +155,33 @@ def _attn_pairs(t_q: int, t_past: int, causal: bool) -> int:
     return t_q * t_past + t_q * (t_q + 1) // 2
 
 
+def decoder_dims(cfg: dict) -> dict:
+    """Widths of a decoder-only config.json: d (layers), emb (embeddings / LM head / S_D), layers, q (n_head *
+    head_dim), kv (k and v widths: fewer heads with GQA), ffn (MACs per token of the MLP), proj (MACs per token of
+    OPT's project_in and of its project_out, when word_embed_proj_dim != hidden_size)."""
+    mt = cfg.get("model_type", "gpt2")
+    if mt == "gpt2":
+        d = cfg["n_embd"]
+        return dict(d=d, emb=d, layers=cfg["n_layer"], q=d, kv=d, ffn=2 * d * (cfg.get("n_inner") or 4 * d), proj=0)
+    d = cfg["hidden_size"]
+    if mt == "opt":
+        e = cfg.get("word_embed_proj_dim") or d
+        return dict(d=d, emb=e, layers=cfg["num_hidden_layers"], q=d, kv=d, ffn=2 * d * cfg["ffn_dim"],
+                    proj=e * d if e != d else 0)
+    H = cfg["num_attention_heads"]                                            # llama, mistral, qwen2
+    hd = cfg.get("head_dim") or d // H
+    return dict(d=d, emb=d, layers=cfg["num_hidden_layers"], q=H * hd, kv=(cfg.get("num_key_value_heads") or H) * hd,
+                ffn=3 * d * cfg["intermediate_size"], proj=0)                 # SwiGLU: gate, up, down
+
+
 def gpt2_flops(cfg: dict, t: int, t_past: int = 0, batch: int = 1, lm_tokens=None, causal: bool = False) -> int:
-    """One GPT-2 forward over t new tokens after t_past cached ones; lm_tokens positions go through the LM head
-    (None = all t, 0 = a body-only forward)."""
-    d, n_layer, vocab = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
-    d_ff = cfg.get("n_inner") or 4 * d
-    per_layer = 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * d * d_ff       # c_attn, c_proj, c_fc + mlp.c_proj
-    per_layer += 2 * 2 * _attn_pairs(t, t_past, causal) * d                   # QK^T and AV (n_head * head_dim = d)
-    lm = 2 * (t if lm_tokens is None else lm_tokens) * d * vocab
-    return batch * (n_layer * per_layer + lm)
+    """One decoder-only forward (GPT-2, OPT, Llama-style) over t new tokens after t_past cached ones; lm_tokens
+    positions go through the LM head (None = all t, 0 = a body-only forward)."""
+    k = decoder_dims(cfg)
+    per_layer = 2 * t * (2 * k["d"] * k["q"] + 2 * k["d"] * k["kv"] + k["ffn"])   # q, o; k, v; MLP
+    per_layer += 2 * 2 * _attn_pairs(t, t_past, causal) * k["q"]              # QK^T and AV (GQA: every q head)
+    lm = 2 * (t if lm_tokens is None else lm_tokens) * k["emb"] * cfg["vocab_size"]
+    return batch * (k["layers"] * per_layer + 2 * 2 * t * k["proj"] + lm)
 
 
 def _t5_ffn(cfg: dict, t: int) -> int:
@@ -185,7 +224,7 @@ def method_flops(method: str, family: str, llm_cfg: dict, dist_cfg: dict, s: Sha
     predictions it returns (never over x or the context), T5's decoder at every option position; the distiller never runs its LM head. ideal=True is the least work a scorer needs:
     the LM head only at the positions that predict the option tokens."""
     b, q = s.batch, s.x + s.opt
-    if family == "gpt2":
+    if family != "t5":                                                          # decoder-only
         lm = (lambda t: s.opt) if ideal else (lambda t: s.opt + 1)
         llm = {"zero_shot": lambda: gpt2_flops(llm_cfg, q, 0, b, lm(q), causal),
                "icl": lambda: gpt2_flops(llm_cfg, s.ctx + q, 0, b, lm(s.ctx + q), causal),
@@ -203,9 +242,9 @@ def method_flops(method: str, family: str, llm_cfg: dict, dist_cfg: dict, s: Sha
 
 def distiller_flops(family: str, dist_cfg: dict, llm_cfg: dict, s: Shapes, ideal: bool, causal=False) -> int:
     """The distiller over D + l placeholders, then the projection Linear(d_s -> d_llm) on the l outputs."""
-    if family == "gpt2":
+    if family != "t5":
         body = gpt2_flops(dist_cfg, s.ctx + s.l, 0, s.batch, 0, causal)    # hidden states only, no LM head
-        d_s, d_llm = dist_cfg["n_embd"], llm_cfg["n_embd"]
+        d_s, d_llm = decoder_dims(dist_cfg)["emb"], decoder_dims(llm_cfg)["emb"]
     else:
         body = t5_encoder_flops(dist_cfg, s.ctx + s.l, s.batch)
         d_s, d_llm = dist_cfg["d_model"], llm_cfg["d_model"]
@@ -564,6 +603,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops-only", action="store_true",
+                   help="analytic FLOPs from the configs alone (no weights, no timing): for 7B shapes on a CPU")
     return p.parse_args(argv)
 
 
@@ -596,7 +637,8 @@ def resolve_args(args):
         fams = args.family.split(",")
         pairs = [p for p in pairs if p.family in fams]
     if args.llm:
-        fam = "t5" if model.load_config(args.llm).get("model_type") == "t5" else "gpt2"
+        mt = model.load_config(args.llm).get("model_type")
+        fam = {"mistral": "llama", "qwen2": "llama"}.get(mt, mt)
         kept = [p for p in pairs if p.family == fam][:1] or [Pair(fam, args.llm, "")]
         pairs = [Pair(fam, args.llm, args.distiller or kept[0].distiller, args.mend)]
     elif args.distiller or args.mend:
@@ -609,9 +651,41 @@ def resolve_args(args):
     return settings, pairs
 
 
+def analytic_rows(pairs: list, settings: dict, args) -> list:
+    """Every method's analytic FLOPs per batch of queries from the config.json dicts alone (--flops-only)."""
+    def cfg_of(name):
+        return model.load_config(name) if os.path.isdir(name) else shape_config(name)
+
+    rows = []
+    for p in pairs:
+        llm_cfg = cfg_of(p.llm)
+        dist_cfg = (json.load(open(os.path.join(p.mend_dir, "config.json")))["distiller_config"] if p.mend_dir
+                    else cfg_of(p.distiller))
+        for setting, ctx in settings.items():
+            for b in args.batches:
+                s = Shapes(ctx=ctx, l=args.l, x=args.query_len - args.option_len, opt=args.option_len, batch=b)
+                for method in METHODS if p.family != "t5" else METHODS[:4]:
+                    f = method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=False)
+                    rows.append(dict(setting=setting, llm=p.llm, method=method, batch=b, flops=f, flops_analytic=f,
+                                     _ideal=method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=True), ms=None,
+                                     prefix_flops=prefix_flops(method, llm_cfg, dist_cfg, s) or None,
+                                     context_len=ctx, l=s.l, query_len=s.x + s.opt))
+    add_ratios(rows)
+    lines = ["| setting | LLM | B | method | GFLOPs (analytic) | FLOPs ratio | prefix GFLOPs (once per task) |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['llm']} | {r['batch']} | {r['method']} | {_gflops(r['flops'])} "
+                     f"| {_fmt(r['flops_ratio'], '.2f')}x | {_gflops(r['prefix_flops']) if r['prefix_flops'] else ''} |")
+    print("\n".join(lines) + "\n\nFLOPs ratio: icl / method (cached pair: icl_cached / method); analytic only "
+          "(--flops-only: nothing built or timed).")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     settings, pairs = resolve_args(args)
+    if args.flops_only:
+        return analytic_rows(pairs, settings, args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
              "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]

@@ -1,19 +1,25 @@
 """world.py: an offline "tiny world" in which the whole MEND pipeline runs end to end on a CPU in minutes.
 
 It holds, top to bottom:
-  1. the world generator (generate_world): a made-up vocabulary of items (grouped in categories), filler words and
-     label words; in-context-learning tasks whose hidden rule maps the category of the input's last word to one of
-     the task's own label words; disjoint meta-train and meta-test task families; all of it written in the real
-     formats: a C4-like corpus DIR/c4/*.json.gz and a MetaICL folder DIR/metaicl/{data,config}.
+  1. the world generator (generate_world): a made-up vocabulary of item words and label words (filler words are
+     available but off by default); in-context-learning tasks whose hidden rule maps the input's last word (an item)
+     to one of the task's own label words; every k-shot file's demonstrations cover all the items of its task, so
+     in-context learning is plain induction (find the query's item in D, copy the label that followed it); disjoint
+     meta-train and meta-test families; all of it written in the real formats: a C4-like corpus DIR/c4/*.json.gz
+     and a MetaICL folder DIR/metaicl/{data,config}.
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
-     small GPT-2 (or T5) trained from scratch with a plain PyTorch loop on model.py's build_model, saved with
-     model.save_pretrained so model.from_pretrained loads it back like a hub model.
-  3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol) that shows
-     vanilla ICL beating zero-shot on the meta-test tasks before eval.py takes over.
-  4. main(): `python world.py --out DIR` runs the phases above (later phases: train.py / eval.py / bench.py).
+     small GPT-2 (or T5) trained from scratch with a plain PyTorch loop on model.py's build_model, on a stream of
+     fresh passages of the corpus's generator, saved with model.save_pretrained so model.from_pretrained loads it
+     back like a hub model. The distiller is a smaller LM of the same family, trained the same way.
+  3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
+     probe ICL during LM pretraining (eval.py does the real evaluation).
+  4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
+     train.py stage 1 (distill; clm for HyperTuning) -> stage 2 (finetune; pred for HyperTuning and the
+     no-L_distill ablation; PromptTuning) -> eval.py (5 methods, ablation, K sweep) -> bench.py -> DIR/results.json.
 
-Connections: imports model.py only (lazily, for the LM phases); data.py reads what generate_world writes.
-Everything is deterministic by --seed (string-seeded random.Random per file, gzip mtime 0, torch.manual_seed).
+Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench.py in run_pipeline; data.py reads
+what generate_world writes. Everything is deterministic by --seed (string-seeded random.Random per file, gzip mtime
+0, torch.manual_seed).
 """
 import argparse
 import gzip
@@ -35,33 +41,33 @@ SEEDS = (100, 13, 21, 42, 87)
 @dataclass
 class WorldConfig:
     seed: int = 0
-    n_categories: int = 32          # item categories; the first half belongs to meta-train, the second to meta-test
-    items_per_category: int = 2     # item words per category (a query item may be unseen in D: its category is not)
-    n_fillers: int = 64             # filler words (the noise around the deciding word)
+    n_items: int = 64               # item words (the deciding words); first half meta-train, second half meta-test
+    n_fillers: int = 96             # filler words (noise before the deciding item), not repeated inside a passage
     n_label_words: int = 48         # label words; first half meta-train, second half meta-test
-    fillers_per_input: tuple = (6, 10)   # inclusive range of filler words before the deciding item
+    fillers_per_input: tuple = (0, 0)    # inclusive range of filler words before the deciding item (default none)
     labels_per_task: tuple = (2, 4)      # inclusive range of options per task
-    extra_categories: tuple = (0, 2)     # categories per task = n_labels + this (a surjective category->label map)
+    extra_items: tuple = (0, 2)          # items per task = n_labels + this (a surjective item->label map, 2-6 items)
     n_train_tasks: int = 32
     n_test_tasks: int = 8
-    k: int = 16                     # demonstrations per k-shot file
+    k: int = 16                     # demonstrations per k-shot file (they cover every item of the task)
     n_test_queries: int = 64        # rows of each meta-test task's test file
     pool_size: int = 1024           # rows of each meta-train task's {task}_16384_100_train.jsonl pool
     n_passages: int = 16000         # corpus passages (each: the demonstrations of one fresh random task)
-    demos_per_passage: tuple = (16, 28)
+    demos_per_passage: tuple = (12, 24)
+    repeat_passages: float = 0.0    # fraction of corpus passages that are a random word sequence written twice
     n_shards: int = 2
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldConfig":
         """The CI-sized world: fewer tasks, queries and passages."""
-        return cls(seed=seed, n_train_tasks=16, n_test_tasks=6, n_test_queries=32, pool_size=256, n_passages=6000)
+        return cls(seed=seed, n_train_tasks=16, n_test_tasks=6, n_test_queries=32, pool_size=256, n_passages=8000)
 
 
 @dataclass
 class Task:
     name: str
     labels: list                    # the task's own label words (its options)
-    cat_to_label: dict              # hidden rule: category index -> label word
+    item_to_label: dict             # hidden rule: item word -> label word
 
 
 def _rng(cfg: WorldConfig, *parts) -> random.Random:
@@ -70,51 +76,73 @@ def _rng(cfg: WorldConfig, *parts) -> random.Random:
 
 
 def make_lexicon(cfg: WorldConfig) -> dict:
-    """Made-up words: {"items": [[w, ...] per category], "fillers": [...], "labels": [...]}, all distinct."""
+    """Made-up words: {"items": [...], "fillers": [...], "labels": [...]}, all distinct 2-syllable words (one BPE
+    token each)."""
     rng = _rng(cfg, "lexicon")
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    n_words = cfg.n_categories * cfg.items_per_category + cfg.n_fillers + cfg.n_label_words
-    words, seen = [], set()
-    while len(words) < n_words:
-        n_syl = rng.choice((2, 2, 3))
-        w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(n_syl))
-        if w not in seen:
-            seen.add(w)
-            words.append(w)
-    n_items = cfg.n_categories * cfg.items_per_category
-    items = [words[i:i + cfg.items_per_category] for i in range(0, n_items, cfg.items_per_category)]
-    return {"items": items, "fillers": words[n_items:n_items + cfg.n_fillers], "labels": words[n_items + cfg.n_fillers:]}
+    seen = set()
+
+    def words(n, n_syl):
+        out = []
+        while len(out) < n:
+            w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(n_syl))
+            if w not in seen:
+                seen.add(w)
+                out.append(w)
+        return out
+
+    return {"items": words(cfg.n_items, 2), "labels": words(cfg.n_label_words, 2),
+            "fillers": words(cfg.n_fillers, 2)}
 
 
-def random_task(rng: random.Random, name: str, categories: list, label_pool: list, cfg: WorldConfig) -> Task:
-    """A task: n label words from label_pool and a random surjection from some categories onto them."""
+def random_task(rng: random.Random, name: str, items: list, label_pool: list, cfg: WorldConfig) -> Task:
+    """A task: n label words from label_pool and a random surjection from 2-6 items onto them."""
     n_labels = rng.randint(*cfg.labels_per_task)
-    n_cats = min(len(categories), n_labels + rng.randint(*cfg.extra_categories))
+    n_items = min(len(items), n_labels + rng.randint(*cfg.extra_items))
     labels = rng.sample(label_pool, n_labels)
-    cats = rng.sample(categories, n_cats)
-    targets = labels + [rng.choice(labels) for _ in range(n_cats - n_labels)]  # every label used at least once
+    chosen = rng.sample(items, n_items)
+    targets = labels + [rng.choice(labels) for _ in range(n_items - n_labels)]  # every label used at least once
     rng.shuffle(targets)
-    return Task(name, labels, dict(zip(cats, targets)))
+    return Task(name, labels, dict(zip(chosen, targets)))
 
 
-def sample_example(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig) -> tuple:
-    """(input, output): label uniform over the task's labels (balanced, so zero-shot sits at chance), then a
-    category mapped to it, an item of that category last, random fillers before it."""
-    label = rng.choice(task.labels)
-    cat = rng.choice([c for c, y in task.cat_to_label.items() if y == label])
-    fillers = [rng.choice(lex["fillers"]) for _ in range(rng.randint(*cfg.fillers_per_input))]
-    return " ".join(fillers + [rng.choice(lex["items"][cat])]), label
+def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig, n: int, cover: bool) -> list:
+    """n (input, output) pairs. input = 0-3 fillers + the deciding item (last word); output = its label.
+    Labels are uniform over the task's labels (balanced, so zero-shot sits at chance). cover=True: every item of
+    the task occurs at least once (the k demonstrations of a file; needs n >= #items), in shuffled order.
+    Fillers are drawn without repetition inside the returned list when the pool allows it (passages, k-shot and
+    test files: copying what followed an earlier occurrence of a word is then right for every repeated word),
+    with repetition for the long meta-train pools. Fillers make inputs distinct; without them (the default, the
+    only setting in which the tiny LLM learned ICL in budget) data.py's MetaTrainSampler deduplicates a task's
+    pool to its 2-6 items, so stage-2 episodes never show the query's item (see /work/spec/requests.md)."""
+    items = list(task.item_to_label)
+    chosen = list(items) if cover else []
+    if cover and n < len(items):
+        raise ValueError(f"world.py: cannot cover {len(items)} items with {n} demonstrations")
+    while len(chosen) < n:
+        label = rng.choice(task.labels)
+        chosen.append(rng.choice([it for it in items if task.item_to_label[it] == label]))
+    rng.shuffle(chosen)
+    counts = [rng.randint(*cfg.fillers_per_input) for _ in chosen]
+    n_fill = sum(counts)
+    fillers = rng.sample(lex["fillers"], n_fill) if n_fill <= len(lex["fillers"]) else \
+        [rng.choice(lex["fillers"]) for _ in range(n_fill)]
+    out, j = [], 0
+    for item, c in zip(chosen, counts):
+        out.append((" ".join(fillers[j:j + c] + [item]), task.item_to_label[item]))
+        j += c
+    return out
 
 
 def make_tasks(cfg: WorldConfig, lex: dict) -> tuple:
-    """Disjoint families: meta-train tasks use the first half of the categories and label words, meta-test the
+    """Disjoint families: meta-train tasks use the first half of the items and label words, meta-test the
     second half; so no meta-test rule, label word or deciding word is ever seen in meta-training."""
-    half_c, half_l = cfg.n_categories // 2, cfg.n_label_words // 2
-    train_cats, test_cats = list(range(half_c)), list(range(half_c, cfg.n_categories))
+    half_i, half_l = cfg.n_items // 2, cfg.n_label_words // 2
+    train_items, test_items = lex["items"][:half_i], lex["items"][half_i:]
     train_labels, test_labels = lex["labels"][:half_l], lex["labels"][half_l:]
     rng = _rng(cfg, "tasks")
-    train = [random_task(rng, f"world_train_{i:02d}", train_cats, train_labels, cfg) for i in range(cfg.n_train_tasks)]
-    test = [random_task(rng, f"world_test_{i:02d}", test_cats, test_labels, cfg) for i in range(cfg.n_test_tasks)]
+    train = [random_task(rng, f"world_train_{i:02d}", train_items, train_labels, cfg) for i in range(cfg.n_train_tasks)]
+    test = [random_task(rng, f"world_test_{i:02d}", test_items, test_labels, cfg) for i in range(cfg.n_test_tasks)]
     return train, test
 
 
@@ -122,10 +150,13 @@ def make_passage(rng: random.Random, lex: dict, cfg: WorldConfig) -> str:
     """One corpus passage: the demonstrations of a fresh random task over the whole world, in MetaICL's space
     format ("x1 y1 x2 y2 ..."), so an LM trained on the corpus must learn the rule in context (the mapping is new
     in every passage) and the 80/20 split of MEND's stage 1 leaves a continuation that D determines."""
-    task = random_task(rng, "passage", list(range(cfg.n_categories)), lex["labels"], cfg)
+    if cfg.repeat_passages and rng.random() < cfg.repeat_passages:  # plain repetition: what induction heads copy
+        words = rng.sample(lex["items"] + lex["labels"], rng.randint(8, 24))
+        return " ".join(words + words)
+    task = random_task(rng, "passage", lex["items"], lex["labels"], cfg)
     pieces = []
-    for _ in range(rng.randint(*cfg.demos_per_passage)):
-        pieces.extend(sample_example(rng, task, lex, cfg))
+    for x, y in sample_examples(rng, task, lex, cfg, rng.randint(*cfg.demos_per_passage), cover=False):
+        pieces += [x, y]
     return " ".join(pieces)
 
 
@@ -157,12 +188,12 @@ def generate_world(out, cfg: WorldConfig) -> dict:
     train_tasks, test_tasks = make_tasks(cfg, lex)
     meta = out / "metaicl"
     for task in train_tasks + test_tasks:
-        rows = lambda rng, n: [dict(task=task.name, input=x, output=y, options=task.labels)
-                               for x, y in (sample_example(rng, task, lex, cfg) for _ in range(n))]
-        for seed in SEEDS:
+        rows = lambda rng, n, cover=False: [dict(task=task.name, input=x, output=y, options=task.labels)
+                                            for x, y in sample_examples(rng, task, lex, cfg, n, cover)]
+        for seed in SEEDS:  # each seed's k demonstrations cover every item of the task (queries use no other)
             for split in ("train", "dev"):
                 _write_jsonl(meta / "data" / task.name / f"{task.name}_{cfg.k}_{seed}_{split}.jsonl",
-                             rows(_rng(cfg, task.name, seed, split), cfg.k))
+                             rows(_rng(cfg, task.name, seed, split), cfg.k, cover=True))
         if task in test_tasks:  # as in MetaICL: one test file (under seed 100), the seed only picks D
             _write_jsonl(meta / "data" / task.name / f"{task.name}_{cfg.k}_100_test.jsonl",
                          rows(_rng(cfg, task.name, "test"), cfg.n_test_queries))
@@ -183,7 +214,7 @@ def generate_world(out, cfg: WorldConfig) -> dict:
     summary = dict(config=asdict(cfg), setting=SETTING, train_tasks=[t.name for t in train_tasks],
                    test_tasks=[t.name for t in test_tasks],
                    chance=100.0 * sum(1 / len(t.labels) for t in test_tasks) / len(test_tasks),
-                   lexicon=lex, rules={t.name: {str(c): y for c, y in t.cat_to_label.items()}
+                   lexicon=lex, rules={t.name: dict(t.item_to_label)
                                        for t in train_tasks + test_tasks})
     _write_json(out / "world.json", summary)
     return summary
@@ -220,7 +251,7 @@ def train_tokenizer(texts: list, vocab_size: int = 768):
 
 @dataclass
 class LMConfig:
-    family: str = "gpt2"          # gpt2 | t5
+    family: str = "gpt2"          # gpt2 | t5 | llama
     n_embd: int = 128             # d (d_model for T5)
     n_layer: int = 2
     n_head: int = 4
@@ -233,6 +264,19 @@ class LMConfig:
     weight_decay: float = 0.01
     seed: int = 0
     threads: int = 2
+    pos_init: float = 0.0         # GPT-2: > 0 initializes the learned positions with sinusoids of this amplitude
+
+
+def sinusoids(n: int, d: int):
+    """The Transformer's sinusoidal position table (n, d): a linear map of it shifts positions by a fixed offset,
+    which makes the previous-token head of the induction circuit easy to learn."""
+    import torch
+
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    table = torch.zeros(n, d)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return table
 
 
 def lm_model_config(cfg: LMConfig, vocab_size: int) -> dict:
@@ -248,7 +292,13 @@ def lm_model_config(cfg: LMConfig, vocab_size: int) -> dict:
                     num_decoder_layers=cfg.n_layer, num_heads=cfg.n_head, relative_attention_num_buckets=32,
                     relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
                     dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    raise ValueError(f"world.py: --family must be gpt2 or t5, got {cfg.family!r}")
+    if cfg.family == "llama":  # a Llama-style decoder (RoPE, RMSNorm, SwiGLU) from model.py's families
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size,
+                    hidden_size=cfg.n_embd, intermediate_size=8 * ((8 * cfg.n_embd // 3 + 7) // 8),
+                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                    max_position_embeddings=cfg.n_positions, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    raise ValueError(f"world.py: --family must be gpt2, t5 or llama, got {cfg.family!r}")
 
 
 def _pad(rows: list, pad_id: int = 0):
@@ -271,7 +321,7 @@ def lm_loss(lm, ids, mask, family: str, rng: random.Random = None):
     import torch
     import torch.nn.functional as F
 
-    if family == "gpt2":
+    if not lm.is_encoder_decoder:
         logits = lm(input_ids=ids, attention_mask=mask).logits              # (B, T, V)
         tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100)
@@ -288,9 +338,10 @@ def lm_loss(lm, ids, mask, family: str, rng: random.Random = None):
                            ignore_index=-100)
 
 
-def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print):
+def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on_log=None):
     """Train a tiny GPT-2 / T5 from scratch on the world's corpus; save it (+ tokenizer.json) in out_dir.
-    Returns {"seconds", "final_loss", "steps"}."""
+    on_log(step, lm): optional hook at every progress line (e.g. an ICL probe). Returns {"seconds", "final_loss",
+    "steps"}."""
     import torch
 
     import model
@@ -298,11 +349,20 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print):
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"pretrain|{cfg.seed}")
-    texts = corpus_texts(world_dir)
+    summary = json.loads(Path(world_dir, "world.json").read_text())
+    wcfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    lex = summary["lexicon"]
     if tokenizer is None:
-        tokenizer = train_tokenizer(texts)
-    rows = [e.ids[:cfg.seq_len] for e in tokenizer.encode_batch(texts)]
+        tokenizer = train_tokenizer(corpus_texts(world_dir))
+
+    def next_batch():  # fresh passages of the corpus's generator: no passage is seen twice, nothing to memorize
+        texts = [make_passage(rng, lex, wcfg) for _ in range(cfg.batch_size)]
+        return [e.ids[:cfg.seq_len] for e in tokenizer.encode_batch(texts)]
+
     lm = model.build_model(lm_model_config(cfg, tokenizer.get_vocab_size()))
+    if cfg.pos_init > 0 and cfg.family == "gpt2":
+        with torch.no_grad():
+            lm.transformer.wpe.weight.copy_(cfg.pos_init * sinusoids(cfg.n_positions, cfg.n_embd))
     lm.train()
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2]
@@ -310,12 +370,8 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print):
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     sched = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     t0, ema, n_tok = time.time(), None, 0
-    order = []
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
-        batch, order = [rows[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-        ids, mask = _pad(batch)
+        ids, mask = _pad(next_batch())
         for g in opt.param_groups:
             g["lr"] = cfg.lr * sched(step)
         loss = lm_loss(lm, ids, mask, cfg.family, rng)
@@ -324,14 +380,18 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print):
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         n_tok += int(mask.sum())
+        if ema is None:
+            first = loss.item()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == cfg.steps - 1:
             el = time.time() - t0
             log(f"pretrain {cfg.family} step {step + 1}/{cfg.steps} loss {ema:.3f} lr {cfg.lr * sched(step):.2e} "
                 f"{n_tok / el:.0f} tok/s ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
+            if on_log is not None:
+                on_log(step + 1, lm)
     lm.eval()
     model.save_pretrained(lm, out_dir, tokenizer=tokenizer)
-    return {"seconds": time.time() - t0, "final_loss": ema, "steps": cfg.steps}
+    return {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": cfg.steps}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,41 +466,170 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The command line (phase 1: world + tiny LLM + distiller + quick ICL check; train/eval/bench come next)
+# 4. The command line: world -> tiny LLM + distiller -> train.py stage 1 and 2 -> eval.py -> bench.py
 
-QUICK_LM = dict(steps=3000, batch_size=8)          # the CI-sized LM run (tests/test_world.py)
-FULL_LM = dict(steps=3000, batch_size=16)          # the quick start's LLM
-DISTILLER_LM = dict(n_embd=64, n_head=2, steps=1500, batch_size=16)   # the smaller distiller (same family)
+@dataclass
+class RunConfig:
+    """Sizes of one end-to-end run (the quick start; RunConfig.quick() is the CI-sized one)."""
+    llm: dict = field(default_factory=lambda: dict(steps=5000, batch_size=32))   # ICL emerges at ~3,000 steps
+    distiller: dict = field(default_factory=lambda: dict(n_embd=64, n_head=2, steps=1500, batch_size=32))
+    l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (item, label): l = |D|/8
+    stage1_steps: int = 1000         # train.py --stage pretrain (distill for MEND, clm for HyperTuning)
+    stage2_steps: int = 1000         # train.py --stage finetune (finetune / pred / prompt_tuning)
+    batch_size: int = 8
+    lr: float = 1e-3                 # the paper's 5e-5 is for pretrained gpt2 distillers and 30k steps
+    k_sweep: tuple = (1, 4, 16)
+    bench: bool = True
+
+    @classmethod
+    def quick(cls) -> "RunConfig":
+        return cls(llm=dict(steps=3500, batch_size=32), distiller=dict(n_embd=64, n_head=2, steps=400, batch_size=32),
+                   stage1_steps=150, stage2_steps=150, k_sweep=(1, 16), bench=False)
+
+
+def _accuracy(result: dict, method: str) -> float:
+    """eval.py's result -> accuracy in percent of `method`, mean over seeds per task, then over tasks."""
+    per_task = {}
+    for r in result["methods"][method]["runs"]:
+        per_task.setdefault(r["task"], []).append(r["accuracy"])
+    return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
+
+
+def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, threads: int = 2,
+                 world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print) -> dict:
+    """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the smaller distiller LM,
+    MEND stage 1 (distill) and HyperTuning's stage 1 (clm) through train.py, stage 2 (MEND finetune, HyperTuning
+    pred, the no-L_distill ablation, PromptTuning), eval.py (5 methods, ablation, K sweep) and bench.py.
+    Writes DIR/results.json and returns it."""
+    import torch
+
+    import data
+    import eval as evaluate
+    import train
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
+    rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
+    times, t_all = {}, time.time()
+
+    def phase(name):
+        times[name] = round(time.time() - t_phase[0], 1)
+        log(f"[world.py] phase {name} done in {times[name]:.0f}s (total {time.time() - t_all:.0f}s)")
+        t_phase[0] = time.time()
+
+    t_phase = [time.time()]
+    wdir, meta = out / "world", out / "world" / "metaicl"
+    summary = generate_world(wdir, wcfg)
+    log(f"[world.py] world: {len(summary['train_tasks'])} meta-train / {len(summary['test_tasks'])} meta-test tasks, "
+        f"{wcfg.n_passages} passages, chance {summary['chance']:.1f}%")
+    phase("generate")
+    texts = corpus_texts(wdir)
+    tokenizer = train_tokenizer(texts)
+    lm_cfg = LMConfig(**dict(rcfg.llm, family=family, seed=seed, threads=threads))
+    r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
+    log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}")
+    phase("llm")
+    d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads))
+    r = pretrain_lm(wdir, out / "distiller", d_cfg, tokenizer=tokenizer, log=log)
+    log(f"[world.py] distiller: {family} d={d_cfg.n_embd}, loss {r['final_loss']:.3f}")
+    phase("distiller")
+
+    runs = out / "runs"
+    shards = [str(p) for p in sorted((wdir / "c4").glob("*.json.gz"))]
+    common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
+              "--split", SETTING, "--l", str(rcfg.l), "--batch_size", str(rcfg.batch_size), "--lr", str(rcfg.lr),
+              "--eval_every", "0", "--save_every", "100000", "--log_every", "50", "--seed", str(seed),
+              "--overwrite"]
+    for obj, name in (("distill", "mend"), ("clm", "hypertuning")):
+        train.main(["--stage", "pretrain", "--objective", obj, "--c4", *shards, "--min_len", "16",
+                    "--max_steps", str(rcfg.stage1_steps), "--out", str(runs / f"pretrain-{name}"), *common])
+    phase("stage1")
+    stage2 = {"mend": ["--objective", "finetune", "--init", str(runs / "pretrain-mend" / "best")],
+              "hypertuning": ["--objective", "pred", "--init", str(runs / "pretrain-hypertuning" / "best")],
+              "mend-pred": ["--objective", "pred", "--init", str(runs / "pretrain-mend" / "best")],
+              "prompt_tuning": ["--method", "prompt_tuning"]}
+    for name, flags in stage2.items():
+        train.main(["--stage", "finetune", *flags, "--max_steps", str(rcfg.stage2_steps),
+                    "--out", str(runs / f"finetune-{name}"), *common])
+    phase("stage2")
+
+    ev = ["--llm", str(out / "llm"), "--data_dir", str(meta), "--split", SETTING, "--seeds", "5",
+          "--mend", str(runs / "finetune-mend" / "best"), "--hypertuning", str(runs / "finetune-hypertuning" / "best"),
+          "--prompt_tuning", str(runs / "finetune-prompt_tuning" / "best")]
+    main_methods = ["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"]
+    res = evaluate.main([*ev, "--methods", *main_methods, "--out", str(out / "eval")])
+    methods = {m: _accuracy(res, m) for m in main_methods}
+    macro_f1 = {m: res["methods"][m]["avg"] for m in main_methods}
+    abl = evaluate.main([*ev, "--mend", str(runs / "finetune-mend-pred" / "best"), "--methods", "mend",
+                         "--out", str(out / "eval-mend-pred")])
+    ablation = {"mend": methods["mend"], "mend_without_L_distill": _accuracy(abl, "mend")}
+    s1 = evaluate.main([*ev, "--mend", str(runs / "pretrain-mend" / "best"), "--methods", "mend",
+                        "--out", str(out / "eval-mend-stage1")])
+    ablation["mend_stage1_only"] = _accuracy(s1, "mend")  # the distill-pretrained module, before stage 2
+    k_sweep = {}
+    for k in rcfg.k_sweep:
+        if k == 16:
+            k_sweep["16"] = {"icl": methods["icl"], "mend": methods["mend"]}
+            continue
+        r = evaluate.main([*ev, "--k", str(k), "--methods", "icl", "mend", "--out", str(out / f"eval-k{k}")])
+        k_sweep[str(k)] = {"icl": _accuracy(r, "icl"), "mend": _accuracy(r, "mend")}
+    phase("eval")
+
+    tasks, _ = data.load_meta_test(meta, SETTING, tokenizer, k=wcfg.k, verbose=False)
+    mean_demo = sum(len(t.demo_ids) for t in tasks) / len(tasks)
+    if rcfg.bench:
+        import bench
+        bench.main(["--preset", "tiny", "--family", family, "--llm", str(out / "llm"),
+                    "--mend", str(runs / "finetune-mend" / "best"), "--l", str(rcfg.l),
+                    "--context", f"tiny_world={round(mean_demo)}", "--threads", str(threads), "--out", str(out / "bench")])
+        phase("bench")
+
+    result = {"methods": methods, "chance": summary["chance"], "l": rcfg.l, "mean_demo_tokens": mean_demo,
+              "macro_f1": macro_f1, "ablation": ablation, "k_sweep": k_sweep, "family": family, "quick": quick,
+              "seed": seed, "n_test_tasks": len(summary["test_tasks"]), "seconds": times,
+              "total_seconds": round(time.time() - t_all, 1), "world": asdict(wcfg), "run": asdict(rcfg)}
+    _write_json(out / "results.json", result)
+    log(result_table(result))
+    return result
+
+
+def result_table(r: dict) -> str:
+    """The Table-2-shaped summary (accuracy, percent, mean over meta-test tasks and 5 seeds) + targets."""
+    m = r["methods"]
+    names = [("zero_shot", "0-shot"), ("icl", "ICL"), ("prompt_tuning", "PromptTuning"),
+             ("hypertuning", "HyperTuning"), ("mend", "MEND")]
+    lines = [f"tiny world ({r['family']}, {r['n_test_tasks']} meta-test tasks x 5 seeds, accuracy %, chance "
+             f"{r['chance']:.1f}, l={r['l']}, mean |D|={r['mean_demo_tokens']:.1f} tokens)", "",
+             "| " + " | ".join(n for _, n in names) + " | MEND w/o L_distill |", "|" + "---|" * (len(names) + 1),
+             "| " + " | ".join(f"{m[k]:.1f}" for k, _ in names) + f" | {r['ablation']['mend_without_L_distill']:.1f} |",
+             "", "K sweep (accuracy %): " + ", ".join(f"K={k}: ICL {v['icl']:.1f} MEND {v['mend']:.1f}"
+                                                      for k, v in r["k_sweep"].items())]
+    ks = sorted(r["k_sweep"], key=int)
+    checks = [("zero-shot within 5 of chance", abs(m["zero_shot"] - r["chance"]) <= 5),
+              ("ICL >= zero-shot + 20", m["icl"] >= m["zero_shot"] + 20),
+              ("MEND >= ICL - 2 with l <= |D|/8", m["mend"] >= m["icl"] - 2 and r["l"] <= r["mean_demo_tokens"] / 8),
+              ("MEND w/o L_distill < MEND", r["ablation"]["mend_without_L_distill"] < m["mend"]),
+              (f"MEND K={ks[0]} < K={ks[-1]}", r["k_sweep"][ks[0]]["mend"] < r["k_sweep"][ks[-1]]["mend"])]
+    lines += ["", "targets: " + "; ".join(f"{n}: {'met' if ok else 'MISSED'}" for n, ok in checks),
+              f"timings (s): {r['seconds']} total {r['total_seconds']}"]
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="The offline tiny world: generate tasks, train a tiny LLM from scratch.")
-    ap.add_argument("--out", required=True, help="output folder (world, models, results)")
+    ap = argparse.ArgumentParser(description="The offline tiny world: generate ICL tasks, train a tiny LLM from "
+                                             "scratch, then MEND and the baselines through train.py / eval.py / bench.py.")
+    ap.add_argument("--out", required=True, help="output folder (world, models, runs, results.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--family", choices=("gpt2", "t5"), default="gpt2")
-    ap.add_argument("--quick", action="store_true", help="the CI-sized world and LM run")
-    ap.add_argument("--steps", type=int, default=None, help="LLM pretraining steps (default: 3000)")
+    ap.add_argument("--quick", action="store_true", help="the CI-sized world and run (tests/test_world.py)")
+    ap.add_argument("--llm_steps", type=int, default=None, help="LLM pretraining steps (default: RunConfig)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    t0 = time.time()
-    wcfg = WorldConfig.quick(args.seed) if args.quick else WorldConfig(seed=args.seed)
-    summary = generate_world(out / "world", wcfg)
-    print(f"[world] {len(summary['train_tasks'])} meta-train / {len(summary['test_tasks'])} meta-test tasks, "
-          f"{wcfg.n_passages} passages, chance {summary['chance']:.1f}% ({time.time() - t0:.0f}s)")
-    tokenizer = train_tokenizer(corpus_texts(out / "world"))
-    llm = dict(QUICK_LM if args.quick else FULL_LM, family=args.family, seed=args.seed, threads=args.threads)
-    if args.steps:
-        llm["steps"] = args.steps
-    r = pretrain_lm(out / "world", out / "llm", LMConfig(**llm), tokenizer=tokenizer)
-    print(f"[llm] {args.family} pretrained in {r['seconds']:.0f}s, loss {r['final_loss']:.3f}")
-    dist = dict(DISTILLER_LM, family=args.family, seed=args.seed, threads=args.threads)
-    r = pretrain_lm(out / "world", out / "distiller", LMConfig(**dist), tokenizer=tokenizer)
-    print(f"[distiller] {args.family} d={dist['n_embd']} pretrained in {r['seconds']:.0f}s, loss {r['final_loss']:.3f}")
-    acc = quick_icl_check(out / "llm", out / "world")
-    _write_json(out / "results.json", {"methods": {"zero_shot": acc["zero_shot"], "icl": acc["icl"]},
-                                       "chance": acc["chance"], "seconds": time.time() - t0})
-    print(f"[done] {time.time() - t0:.0f}s, results in {out / 'results.json'}")
+    rcfg = RunConfig.quick() if args.quick else RunConfig()
+    if args.llm_steps:
+        rcfg.llm = dict(rcfg.llm, steps=args.llm_steps)
+    return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, run_cfg=rcfg)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,41 @@ def test_tiny_preset_from_saved_mend(tmp_path, tiny_gpt2_dir, tiny_gpt2_distille
     by = {r["method"]: r for r in rows}
     assert by["mend"]["l"] == 5 and abs(by["mend"]["flops"] / by["mend"]["flops_analytic"] - 1) < 0.05
     assert by["mend_cached"]["kv_mb"] < by["icl_cached"]["kv_mb"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 10: OPT and Llama-style shapes (FLOPs from configs alone)
+
+DECODERS = {  # tiny configs of each decoder-only family: OPT with project_in/out (opt-350m), Llama with GQA
+    "opt": dict(model_type="opt", vocab_size=400, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                ffn_dim=64, num_attention_heads=4, max_position_embeddings=128, do_layer_norm_before=False),
+    "llama": dict(model_type="llama", vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_decoder_families_analytic_matches_counter(family):
+    cfg = DECODERS[family]
+    torch.manual_seed(0)
+    lm = model.build_model(cfg).eval()
+    ids = torch.randint(2, 400, (2, 9))
+    with torch.inference_mode():
+        assert bench.count_flops(lambda: lm(ids)) == bench.gpt2_flops(cfg, 9, 0, 2)
+        past = lm(ids[:1, :5], use_cache=True).past_key_values
+        assert bench.count_flops(lambda: lm(ids[:, 5:], past_key_values=past)) == bench.gpt2_flops(cfg, 4, 5, 2)
+        assert bench.count_flops(lambda: lm(ids, return_logits=False)) == bench.gpt2_flops(cfg, 9, 0, 2, 0)
+
+
+def test_llm7b_flops_only_from_configs(capsys):
+    rows = bench.main(["--preset", "llm7b", "--flops-only", "--batch", "1", "--settings", "non_nli_to_nli"])
+    got = {(r["llm"], r["method"]): r for r in rows}
+    assert len(rows) == 12 and "FLOPs ratio" in capsys.readouterr().out
+    # a zero-shot forward of the 56 query tokens costs about 2 x parameters x tokens (the embeddings are no
+    # matmuls, the LM head runs at 4 positions only)
+    for llm, n_params in (("opt-6.7b", 6.66e9), ("llama-2-7b", 6.74e9)):
+        assert 0.9 < got[(llm, "zero_shot")]["flops"] / (2 * n_params * 56) < 1.05
+        assert got[(llm, "mend")]["flops_ratio"] > 2.5 and got[(llm, "icl")]["flops_ratio"] == 1.0
+    assert got[("opt-6.7b", "mend")]["flops_ratio"] > got[("llama-2-7b", "mend")]["flops_ratio"]  # 125M vs 1.1B

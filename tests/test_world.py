@@ -1,6 +1,8 @@
 """Tests for world.py: the generator is deterministic by seed and writes the real formats (C4 json.gz, MetaICL
-layout) with disjoint meta-train / meta-test families; a tiny GPT-2 trained from scratch on the reduced world
-really learns in context (vanilla ICL beats zero-shot on held-out tasks)."""
+layout) with disjoint meta-train / meta-test families and demonstrations that cover every item; the LM phase
+round-trips through model.py; run_pipeline runs train.py / eval.py / bench.py end to end in miniature. The accuracy
+targets of issue 9 (ICL and MEND vs zero-shot) are NOT asserted here: the tiny LLM needs ~5,000 steps (~6 min) to
+learn in context, and MEND does not beat zero-shot yet (see /work/spec/readme/world.py.md)."""
 import gzip
 import hashlib
 import json
@@ -54,8 +56,14 @@ def test_metaicl_layout_and_disjoint_families(small_world):
                         assert set(r) == {"task", "input", "output", "options"} and r["task"] == task
                         assert r["output"] in r["options"] and r["options"] == cfg["options"]
                         words.setdefault(split, set()).update(r["input"].split()[-1:] + [r["output"]])
+                    # each seed's k demonstrations cover every item of the task: a query's item is always in D
+                    if s == "train":
+                        assert {r["input"].split()[-1] for r in rows} == set(summary["rules"][task])
             extra = f"{task}_16_100_test.jsonl" if split == "test" else f"{task}_16384_100_train.jsonl"
-            assert len(world.read_jsonl(meta / "data" / task / extra)) == (8 if split == "test" else 32)
+            extra_rows = world.read_jsonl(meta / "data" / task / extra)
+            assert len(extra_rows) == (8 if split == "test" else 32)
+            rule = summary["rules"][task]
+            assert 2 <= len(rule) <= 6 and all(rule[r["input"].split()[-1]] == r["output"] for r in extra_rows)
     # the deciding words and label words of the meta-test family never occur in the meta-train family
     assert not words["train"] & words["test"]
 
@@ -67,17 +75,18 @@ def test_corpus_is_c4_format_and_icl_shaped(small_world):
     rows = [json.loads(line) for f in files for line in gzip.open(f, "rt")]
     assert len(rows) == 40 and all(set(r) == {"text", "timestamp", "url"} for r in rows)
     lex = summary["lexicon"]
-    item_cat = {w: c for c, ws in enumerate(lex["items"]) for w in ws}
-    labels = set(lex["labels"])
+    items, labels, fillers = set(lex["items"]), set(lex["labels"]), set(lex["fillers"])
     for r in rows:
-        # a passage is "x1 y1 x2 y2 ...": one rule per passage, category of the last input word -> label word
+        # a passage is "x1 y1 x2 y2 ...": one rule per passage, the input's last word (an item) -> a label word;
+        # fillers never repeat inside a passage, so every repeated word is followed by what followed it before
         words, rule, n = r["text"].split(), {}, 0
         for i, w in enumerate(words):
             if w in labels:
-                cat = item_cat[words[i - 1]]
-                assert rule.setdefault(cat, w) == w
+                assert words[i - 1] in items and rule.setdefault(words[i - 1], w) == w
                 n += 1
-        assert 16 <= n <= 28
+        used = [w for w in words if w in fillers]
+        assert len(used) == len(set(used)) and all(w in items | labels | fillers for w in words)
+        assert 12 <= n <= 24 and 2 <= len(rule) <= 6
 
 
 def test_data_py_reads_the_world(small_world, tiny_tokenizer):
@@ -102,20 +111,63 @@ def quick_world(tmp_path_factory):
 
 
 def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
-    """The LM phase end to end on the CI-sized world (a short run): the tokenizer makes every world word one token,
-    the loss falls, the checkpoint loads back through model.from_pretrained, and the scorer returns sane numbers.
-    (ICL >= zero-shot + 10 is NOT yet reached by the tiny LM: see the README; the assertion comes with phase 2.)"""
+    """The LM phase on the CI-sized world (a short run): the tokenizer makes every item and label word one token,
+    the loss falls, the checkpoint loads back through model.from_pretrained, and the scorer returns sane numbers."""
     import model
 
     tok = world.train_tokenizer(world.corpus_texts(quick_world))
     assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("<eos>") == 1
     lex = json.loads((quick_world / "world.json").read_text())["lexicon"]
-    assert all(len(tok.encode(" " + w).ids) == 1 for w in lex["labels"] + sum(lex["items"], []))
-    cfg = world.LMConfig(n_embd=32, n_head=2, steps=30, batch_size=4, warmup=5)
+    assert all(len(tok.encode(" " + w).ids) == 1 for w in lex["labels"] + lex["items"])
+    cfg = world.LMConfig(n_embd=32, n_head=2, steps=60, batch_size=4, warmup=5, threads=1)
     res = world.pretrain_lm(quick_world, tmp_path / "lm", cfg, tokenizer=tok, log=lambda *a: None)
-    assert res["final_loss"] < 6.3  # from ln(768) = 6.64
+    assert res["final_loss"] < res["first_loss"] - 0.5  # from ~ln(768) = 6.64
     lm = model.from_pretrained(tmp_path / "lm")
     assert lm.config.n_embd == 32 and (tmp_path / "lm" / "tokenizer.json").exists()
     acc = world.quick_icl_check(tmp_path / "lm", quick_world, seeds=(100,), max_queries=4, log=lambda *a: None)
     assert 0 <= acc["zero_shot"] <= 100 and 0 <= acc["icl"] <= 100
-    assert 25 < acc["chance"] < 50
+    assert 25 < acc["chance"] < 55
+
+
+def test_pipeline_end_to_end_small(tmp_path):
+    """`python world.py --out DIR` in miniature: world -> tokenizer -> LLM + distiller -> train.py stage 1 (distill,
+    clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning) -> eval.py (5 methods,
+    ablation, K sweep) -> bench.py; DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step
+    counts): the accuracy targets are measured by the full run (README)."""
+    w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
+    r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
+                        distiller=dict(n_embd=16, n_head=2, steps=10, batch_size=8),
+                        l=2, stage1_steps=3, stage2_steps=3, k_sweep=(1, 16), bench=True)
+    res = world.run_pipeline(tmp_path, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["methods"] == pytest.approx(res["methods"])
+    assert set(res["methods"]) == {"zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"}
+    assert all(0 <= v <= 100 for v in res["methods"].values())
+    assert 20 <= res["chance"] <= 50 and res["l"] == 2 and res["mean_demo_tokens"] == 32  # 16 x (item, label)
+    assert set(res["k_sweep"]) == {"1", "16"}
+    assert {"mend", "mend_without_L_distill", "mend_stage1_only"} <= set(res["ablation"])
+    assert set(res["seconds"]) == {"generate", "llm", "distiller", "stage1", "stage2", "eval", "bench"}
+    for run in ("pretrain-mend", "pretrain-hypertuning", "finetune-mend", "finetune-hypertuning",
+                "finetune-mend-pred", "finetune-prompt_tuning"):
+        assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
+    assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
+    """With fillers on (WorldConfig.fillers_per_input), x = fillers + item: fillers never repeat inside a passage or a
+    k-shot file, the item is still x's last word, and each seed's k demonstrations still cover every item."""
+    cfg = world.WorldConfig(n_train_tasks=2, n_test_tasks=2, n_test_queries=8, pool_size=16, n_passages=20,
+                            fillers_per_input=(0, 3))
+    summary = world.generate_world(tmp_path, cfg)
+    fillers = set(summary["lexicon"]["fillers"])
+    texts = world.corpus_texts(tmp_path)
+    for t in texts:
+        used = [w for w in t.split() if w in fillers]
+        assert len(used) == len(set(used))
+    assert sum(w in fillers for t in texts for w in t.split()) > 20
+    for task in summary["test_tasks"]:
+        for seed in world.SEEDS:
+            rows = world.read_jsonl(tmp_path / "metaicl" / "data" / task / f"{task}_16_{seed}_train.jsonl")
+            used = [w for r in rows for w in r["input"].split()[:-1]]
+            assert all(w in fillers for w in used) and len(used) == len(set(used))
+            assert {r["input"].split()[-1] for r in rows} == set(summary["rules"][task])
