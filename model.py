@@ -376,7 +376,11 @@ class T5SubLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x, *args):
-        return x + self.dropout(getattr(self, self.name)(self.layer_norm(x), *args))
+        x = x + self.dropout(getattr(self, self.name)(self.layer_norm(x), *args))
+        if x.dtype == torch.float16:  # transformers' T5 guard: v1.1/flan activations overflow fp16 -> clamp
+            big = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-big, big)
+        return x
 
 
 class T5Block(nn.Module):

@@ -447,3 +447,17 @@ def test_real_third_party_checkpoint_matches_transformers():
     ids = torch.tensor([model.load_tokenizer(folder).encode(c4_paragraph()).ids[:64]])
     with torch.no_grad():
         assert maxdiff(ours(ids).logits, ref(ids).logits) <= TOL
+
+
+def test_t5_fp16_activations_are_clamped_not_inf():
+    """transformers' T5 clamps fp16 hidden states after every sub-layer; without it t5-lm-adapt/flan overflow."""
+    class Big(torch.nn.Module):  # the sub-layer's output: 40000 x the (unit-RMS) normalised input
+        def forward(self, h):
+            return h * 40000
+
+    sub = model.T5SubLayer(model.T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2,
+                                          dropout_rate=0.0), "DenseReluDense", Big())
+    x = torch.full((1, 2, 4), 40000.0)
+    assert sub(x).max().item() == 80000.0                      # fp32: untouched (above fp16's range)
+    y = sub.half()(x.half())
+    assert torch.isfinite(y).all() and y.max().item() == torch.tensor(65504.0 - 1000, dtype=torch.float16).item()
