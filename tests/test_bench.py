@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import bench
 import model
 
-torch.set_num_threads(1)  # tiny shapes: 1 thread avoids OpenMP spinning on a busy machine
 
 
 def _within(counted, analytic, tol=0.05):

@@ -42,13 +42,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def maxdiff(a, b):
     return (a.float() - b.float()).abs().max().item()

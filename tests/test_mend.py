@@ -20,14 +20,6 @@ def close(a, b, tol=ATOL):
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast as two and immune to a busy machine (2 threads: 5-30 s per overfit)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_batch(rows, pad=0):
     """rows: list of (demo_ids, query_ids, target_ids) lists -> an EpisodeBatch-like object, right-padded."""

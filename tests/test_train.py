@@ -23,14 +23,6 @@ WORDS = ("the red cube is heavy . label : alpha the blue sphere is light . label
          "neutral yes no true false").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matmuls on a shared 2-core machine run ~10x faster than with 2 threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def sharp_gpt2_dir(tmp_path_factory, tiny_tokenizer):
