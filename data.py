@@ -389,8 +389,9 @@ def _missing_line(what, missing, total):
 class MetaTrainSampler:
     """Infinite stream of meta-train episodes of a setting for one DDP rank.
 
-    Pool per meta-train task: {task}_16384_100_train.jsonl when present, else every k=16 train and dev file of
-    every seed (rows deduplicated). Episode number i (global, over all ranks) is drawn with rng(seed, i): a task
+    Pool per meta-train task: {task}_16384_100_train.jsonl when present, taken as written (repeated (x, y) rows are
+    real samples and MetaICL samples them as such), else every k=16 train and dev file of every seed (rows
+    deduplicated: those files overlap across seeds). Episode number i (global, over all ranks) is drawn with rng(seed, i): a task
     uniformly among the tasks with >= 2 rows, then K+1 distinct rows (fewer if the pool is smaller), the first
     K as demonstrations in drawn order and the last as (x, y). Rank r takes i = n * world_size + r at its n-th
     step, so the union over ranks equals one process's stream (same global batch, same episodes).
@@ -419,7 +420,9 @@ class MetaTrainSampler:
                 continue
             fallback += not big.exists()
             ttype = task_type(data_dir, task)
-            rows = list(dict.fromkeys((r[0], r[1]) for p in files for r in read_jsonl(p, ttype)))
+            rows = [(r[0], r[1]) for p in files for r in read_jsonl(p, ttype)]
+            if not big.exists():  # the k=16 files of different seeds share rows: count each example once
+                rows = list(dict.fromkeys(rows))
             if len(rows) < 2:
                 small.append(f"{task}({len(rows)})")
                 continue

@@ -75,6 +75,8 @@ class TrainConfig:
     kl_window: str = "paper"            # paper | official (mend.mend_loss)
     placeholder_init: str = "random"    # random N(0, 0.02) | vocab (official finetune asks for vocab, then
                                         # loads the pretrained placeholders over it)
+    projection: str = "auto"            # distiller width -> LLM width: auto (official: Linear + tanh when the widths
+                                        # differ, identity when equal) | tanh | linear | identity (mend.MEND)
     template: str = "space"             # MetaICL format: space | newline
     max_len: int = 1024                 # C4 passage length (Appendix A)
     min_len: int = 64                   # C4 passages shorter than this (in tokens) are skipped
@@ -175,7 +177,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         cfg.split = "class_to_class"  # Appendix A: pretraining is early-stopped on Class->Class meta-test dev
     for name, choices in (("precision", ("auto",) + tuple(PRECISIONS)), ("llm_dtype", tuple(PRECISIONS)),
                           ("schedule", SCHEDULES), ("kl_window", mend.KL_WINDOWS),
-                          ("placeholder_init", mend.INITS), ("template", data.TEMPLATES)):
+                          ("placeholder_init", mend.INITS), ("projection", mend.PROJECTIONS),
+                          ("template", data.TEMPLATES)):
         if getattr(cfg, name) not in choices:
             _fail(f"--{name} {getattr(cfg, name)!r}: expected one of {', '.join(choices)}")
     for name in ("l", "k", "max_steps", "batch_size", "grad_accum", "log_every", "val_batch_size"):
@@ -314,7 +317,7 @@ def build_module(cfg: TrainConfig, llm, device):
             print(f"[train] note: finetuning without --init: the distiller {cfg.distiller} starts without "
                   f"meta-distillation pretraining (the 'no pretraining' row of Table 4)")
         module = mend.MEND(distiller, llm.hidden_size, l=cfg.l, init=cfg.placeholder_init, llm_name=cfg.llm,
-                           distiller_name=cfg.distiller)
+                           distiller_name=cfg.distiller, projection=cfg.projection)
     return module.float().to(device).train()
 
 

@@ -1,16 +1,18 @@
 """world.py: an offline "tiny world" in which the whole MEND pipeline runs end to end on a CPU in minutes.
 
 It holds, top to bottom:
-  1. the world generator (generate_world): a made-up vocabulary of item words and label words (filler words are
-     available but off by default); in-context-learning tasks whose hidden rule maps the input's last word (an item)
-     to one of the task's own label words; every k-shot file's demonstrations cover all the items of its task, so
-     in-context learning is plain induction (find the query's item in D, copy the label that followed it); disjoint
-     meta-train and meta-test families; all of it written in the real formats: a C4-like corpus DIR/c4/*.json.gz
-     and a MetaICL folder DIR/metaicl/{data,config}.
+  1. the world generator (generate_world): a made-up vocabulary of item words (4 shared keys by default) and label
+     words (filler words and item categories are available but off by default); in-context-learning tasks whose
+     hidden rule maps the input's last word (an item) to one of the task's own label words; every k-shot file's
+     demonstrations cover all the items of its task, so in-context learning is plain induction (find the query's
+     item in D, copy the label that followed it); meta-train and meta-test families with disjoint label words; all
+     of it written in the real formats: a C4-like corpus DIR/c4/*.json.gz and a MetaICL folder
+     DIR/metaicl/{data,config}.
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
-     small GPT-2 (or T5) trained from scratch with a plain PyTorch loop on model.py's build_model, on a stream of
-     fresh passages of the corpus's generator, saved with model.save_pretrained so model.from_pretrained loads it
-     back like a hub model. The distiller is a smaller LM of the same family, trained the same way.
+     small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
+     build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
+     model.from_pretrained loads it back like a hub model. The distiller starts as a copy of it (RunConfig:
+     or a separate LM of the family trained the same way).
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
      probe ICL during LM pretraining (eval.py does the real evaluation).
   4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
@@ -33,6 +35,7 @@ from pathlib import Path
 
 SETTING = "tiny_world"
 SEEDS = (100, 13, 21, 42, 87)
+FAMILIES = ("gpt2", "t5", "opt", "llama")   # --family: the LM family of both the tiny LLM and its distiller
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,7 +44,11 @@ SEEDS = (100, 13, 21, 42, 87)
 @dataclass
 class WorldConfig:
     seed: int = 0
-    n_items: int = 64               # item words (the deciding words); first half meta-train, second half meta-test
+    n_items: int = 4                # item words (the keys: x's deciding word)
+    shared_items: bool = True       # both families use every item (label words stay disjoint); False: first half
+                                    # of the items for meta-train tasks, second half for meta-test tasks
+    n_categories: int = 0           # > 0: the label is decided by a hidden item category (index mod n); 0: by a
+                                    # random item -> label map per task
     n_fillers: int = 96             # filler words (noise before the deciding item), not repeated inside a passage
     n_label_words: int = 48         # label words; first half meta-train, second half meta-test
     fillers_per_input: tuple = (0, 0)    # inclusive range of filler words before the deciding item (default none)
@@ -95,15 +102,36 @@ def make_lexicon(cfg: WorldConfig) -> dict:
             "fillers": words(cfg.n_fillers, 2)}
 
 
-def random_task(rng: random.Random, name: str, items: list, label_pool: list, cfg: WorldConfig) -> Task:
-    """A task: n label words from label_pool and a random surjection from 2-6 items onto them."""
+def category(lex: dict, item: str, cfg: WorldConfig) -> int:
+    """The hidden attribute of an item word: its lexicon index mod n_categories (-1 when categories are off)."""
+    return lex["items"].index(item) % cfg.n_categories if cfg.n_categories else -1
+
+
+def random_task(rng: random.Random, name: str, items: list, label_pool: list, cfg: WorldConfig, lex: dict) -> Task:
+    """A task: n label words from label_pool and a map from n + extra_items of `items` onto them (every label
+    used). Default: a random surjection. With categories (n_categories > 0) the rule is "the item's category
+    decides": n categories get one label word each and the task's items are 1+ items of each of them."""
     n_labels = rng.randint(*cfg.labels_per_task)
     n_items = min(len(items), n_labels + rng.randint(*cfg.extra_items))
     labels = rng.sample(label_pool, n_labels)
-    chosen = rng.sample(items, n_items)
-    targets = labels + [rng.choice(labels) for _ in range(n_items - n_labels)]  # every label used at least once
-    rng.shuffle(targets)
-    return Task(name, labels, dict(zip(chosen, targets)))
+    if not cfg.n_categories:
+        chosen = rng.sample(items, n_items)
+        targets = labels + [rng.choice(labels) for _ in range(n_items - n_labels)]  # every label used at least once
+        rng.shuffle(targets)
+        return Task(name, labels, dict(zip(chosen, targets)))
+    if n_labels > cfg.n_categories:
+        raise ValueError(f"world.py: labels_per_task up to {n_labels} needs n_categories >= {n_labels}, "
+                         f"got {cfg.n_categories}")
+    cats = rng.sample(range(cfg.n_categories), n_labels)
+    by_cat = {c: [it for it in items if category(lex, it, cfg) == c] for c in cats}
+    counts = {c: 1 for c in cats}
+    for _ in range(n_items - n_labels):
+        counts[rng.choice(cats)] += 1
+    rule = {}
+    for c, lab in zip(cats, labels):
+        for it in rng.sample(by_cat[c], min(counts[c], len(by_cat[c]))):
+            rule[it] = lab
+    return Task(name, labels, dict(sorted(rule.items(), key=lambda kv: rng.random())))
 
 
 def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig, n: int, cover: bool) -> list:
@@ -112,9 +140,9 @@ def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig,
     the task occurs at least once (the k demonstrations of a file; needs n >= #items), in shuffled order.
     Fillers are drawn without repetition inside the returned list when the pool allows it (passages, k-shot and
     test files: copying what followed an earlier occurrence of a word is then right for every repeated word),
-    with repetition for the long meta-train pools. Fillers make inputs distinct; without them (the default, the
-    only setting in which the tiny LLM learned ICL in budget) data.py's MetaTrainSampler deduplicates a task's
-    pool to its 2-6 items, so stage-2 episodes never show the query's item (see /work/spec/requests.md)."""
+    with repetition for the long meta-train pools. Without fillers (the default, the only setting in which the
+    tiny LLM learned ICL in budget) a pool repeats each (item, label) row many times, as MetaICL pools may;
+    data.py samples {task}_16384_100_train.jsonl as written, so stage-2 episodes show the query's item in D."""
     items = list(task.item_to_label)
     chosen = list(items) if cover else []
     if cover and n < len(items):
@@ -135,14 +163,19 @@ def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig,
 
 
 def make_tasks(cfg: WorldConfig, lex: dict) -> tuple:
-    """Disjoint families: meta-train tasks use the first half of the items and label words, meta-test the
-    second half; so no meta-test rule, label word or deciding word is ever seen in meta-training."""
+    """Disjoint families: meta-train tasks use the first half of the label words, meta-test tasks the second
+    half, so no meta-test label word or rule is ever seen in meta-training. The items (keys) are shared by default
+    (shared_items; like the words of real inputs); with shared_items=False they are split in halves too."""
     half_i, half_l = cfg.n_items // 2, cfg.n_label_words // 2
     train_items, test_items = lex["items"][:half_i], lex["items"][half_i:]
+    if cfg.shared_items:
+        train_items = test_items = lex["items"]
     train_labels, test_labels = lex["labels"][:half_l], lex["labels"][half_l:]
     rng = _rng(cfg, "tasks")
-    train = [random_task(rng, f"world_train_{i:02d}", train_items, train_labels, cfg) for i in range(cfg.n_train_tasks)]
-    test = [random_task(rng, f"world_test_{i:02d}", test_items, test_labels, cfg) for i in range(cfg.n_test_tasks)]
+    train = [random_task(rng, f"world_train_{i:02d}", train_items, train_labels, cfg, lex)
+             for i in range(cfg.n_train_tasks)]
+    test = [random_task(rng, f"world_test_{i:02d}", test_items, test_labels, cfg, lex)
+            for i in range(cfg.n_test_tasks)]
     return train, test
 
 
@@ -153,7 +186,7 @@ def make_passage(rng: random.Random, lex: dict, cfg: WorldConfig) -> str:
     if cfg.repeat_passages and rng.random() < cfg.repeat_passages:  # plain repetition: what induction heads copy
         words = rng.sample(lex["items"] + lex["labels"], rng.randint(8, 24))
         return " ".join(words + words)
-    task = random_task(rng, "passage", lex["items"], lex["labels"], cfg)
+    task = random_task(rng, "passage", lex["items"], lex["labels"], cfg, lex)
     pieces = []
     for x, y in sample_examples(rng, task, lex, cfg, rng.randint(*cfg.demos_per_passage), cover=False):
         pieces += [x, y]
@@ -251,7 +284,7 @@ def train_tokenizer(texts: list, vocab_size: int = 768):
 
 @dataclass
 class LMConfig:
-    family: str = "gpt2"          # gpt2 | t5 | llama
+    family: str = "gpt2"          # gpt2 | t5 | opt | llama
     n_embd: int = 128             # d (d_model for T5)
     n_layer: int = 2
     n_head: int = 4
@@ -292,13 +325,19 @@ def lm_model_config(cfg: LMConfig, vocab_size: int) -> dict:
                     num_decoder_layers=cfg.n_layer, num_heads=cfg.n_head, relative_attention_num_buckets=32,
                     relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
                     dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if cfg.family == "opt":  # OPT: learned positions (offset 2), pre-LN, ReLU FFN
+        return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=vocab_size,
+                    hidden_size=cfg.n_embd, word_embed_proj_dim=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                    num_attention_heads=cfg.n_head, ffn_dim=4 * cfg.n_embd, max_position_embeddings=cfg.n_positions,
+                    do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     if cfg.family == "llama":  # a Llama-style decoder (RoPE, RMSNorm, SwiGLU) from model.py's families
         return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size,
                     hidden_size=cfg.n_embd, intermediate_size=8 * ((8 * cfg.n_embd // 3 + 7) // 8),
                     num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
                     max_position_embeddings=cfg.n_positions, rms_norm_eps=1e-6, rope_theta=10000.0,
                     tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    raise ValueError(f"world.py: --family must be gpt2, t5 or llama, got {cfg.family!r}")
+    raise ValueError(f"world.py: --family must be one of {FAMILIES}, got {cfg.family!r}")
 
 
 def _pad(rows: list, pad_id: int = 0):
@@ -471,20 +510,29 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
 @dataclass
 class RunConfig:
     """Sizes of one end-to-end run (the quick start; RunConfig.quick() is the CI-sized one)."""
-    llm: dict = field(default_factory=lambda: dict(steps=5000, batch_size=32))   # ICL emerges at ~3,000 steps
-    distiller: dict = field(default_factory=lambda: dict(n_embd=64, n_head=2, steps=1500, batch_size=32))
-    l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (item, label): l = |D|/8
-    stage1_steps: int = 1000         # train.py --stage pretrain (distill for MEND, clm for HyperTuning)
-    stage2_steps: int = 1000         # train.py --stage finetune (finetune / pred / prompt_tuning)
-    batch_size: int = 8
-    lr: float = 1e-3                 # the paper's 5e-5 is for pretrained gpt2 distillers and 30k steps
+    llm: dict = field(default_factory=lambda: dict(steps=4000, batch_size=32))   # ICL emerges at ~1,500 steps
+    # distiller: None = start from a copy of the trained LLM (an LM that already learns in context, as gpt2 is
+    # for gpt2-large in the paper); a dict = a separate LM of the family trained from scratch with these sizes
+    # (a d=64 one did not learn in context in 1,500 steps, and MEND with it stayed at chance)
+    distiller: dict = None
+    l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
+    stage1_steps: int = 6000         # train.py --stage pretrain --objective distill (MEND): the part that generalizes
+    stage1_batch_size: int = 16
+    stage1_lr: float = 2e-3
+    clm_steps: int = 1000            # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr
+    stage2_steps: int = 300          # train.py --stage finetune (finetune / pred / prompt_tuning)
+    batch_size: int = 8              # stage 2
+    lr: float = 3e-4                 # stage 2: short and gentle, as it overfits the 24 meta-train label words
+    # validation on the meta-test tasks' dev files picks each run's best checkpoint (the paper's Appendix A)
+    stage1_eval_every: int = 1000
+    stage2_eval_every: int = 50
     k_sweep: tuple = (1, 4, 16)
     bench: bool = True
 
     @classmethod
     def quick(cls) -> "RunConfig":
-        return cls(llm=dict(steps=3500, batch_size=32), distiller=dict(n_embd=64, n_head=2, steps=400, batch_size=32),
-                   stage1_steps=150, stage2_steps=150, k_sweep=(1, 16), bench=False)
+        return cls(llm=dict(steps=2000, batch_size=32), stage1_steps=2400, clm_steps=100, stage2_steps=100,
+                   stage1_eval_every=600, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
 
 
 def _accuracy(result: dict, method: str) -> float:
@@ -505,6 +553,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
     import data
     import eval as evaluate
+    import model
     import train
 
     torch.set_num_threads(threads)
@@ -530,20 +579,25 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
     log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}")
     phase("llm")
-    d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads))
-    r = pretrain_lm(wdir, out / "distiller", d_cfg, tokenizer=tokenizer, log=log)
-    log(f"[world.py] distiller: {family} d={d_cfg.n_embd}, loss {r['final_loss']:.3f}")
+    if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (same files, own run folder)
+        model.save_pretrained(model.from_pretrained(out / "llm"), out / "distiller", tokenizer=tokenizer)
+        log(f"[world.py] distiller: a copy of the LLM ({family} d={lm_cfg.n_embd})")
+    else:
+        d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads))
+        r = pretrain_lm(wdir, out / "distiller", d_cfg, tokenizer=tokenizer, log=log)
+        log(f"[world.py] distiller: {family} d={d_cfg.n_embd}, loss {r['final_loss']:.3f}")
     phase("distiller")
 
     runs = out / "runs"
     shards = [str(p) for p in sorted((wdir / "c4").glob("*.json.gz"))]
     common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
-              "--split", SETTING, "--l", str(rcfg.l), "--batch_size", str(rcfg.batch_size), "--lr", str(rcfg.lr),
-              "--eval_every", "0", "--save_every", "100000", "--log_every", "50", "--seed", str(seed),
-              "--overwrite"]
-    for obj, name in (("distill", "mend"), ("clm", "hypertuning")):
+              "--split", SETTING, "--l", str(rcfg.l), "--save_every", "100000", "--log_every", "100",
+              "--seed", str(seed), "--overwrite"]
+    for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
         train.main(["--stage", "pretrain", "--objective", obj, "--c4", *shards, "--min_len", "16",
-                    "--max_steps", str(rcfg.stage1_steps), "--out", str(runs / f"pretrain-{name}"), *common])
+                    "--batch_size", str(rcfg.stage1_batch_size), "--lr", str(rcfg.stage1_lr),
+                    "--eval_every", str(min(rcfg.stage1_eval_every, steps)),
+                    "--max_steps", str(steps), "--out", str(runs / f"pretrain-{name}"), *common])
     phase("stage1")
     stage2 = {"mend": ["--objective", "finetune", "--init", str(runs / "pretrain-mend" / "best")],
               "hypertuning": ["--objective", "pred", "--init", str(runs / "pretrain-hypertuning" / "best")],
@@ -551,6 +605,8 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
               "prompt_tuning": ["--method", "prompt_tuning"]}
     for name, flags in stage2.items():
         train.main(["--stage", "finetune", *flags, "--max_steps", str(rcfg.stage2_steps),
+                    "--batch_size", str(rcfg.batch_size), "--lr", str(rcfg.lr),
+                    "--eval_every", str(min(rcfg.stage2_eval_every, rcfg.stage2_steps)),
                     "--out", str(runs / f"finetune-{name}"), *common])
     phase("stage2")
 
@@ -621,7 +677,8 @@ def main(argv=None):
                                              "scratch, then MEND and the baselines through train.py / eval.py / bench.py.")
     ap.add_argument("--out", required=True, help="output folder (world, models, runs, results.json)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", choices=("gpt2", "t5"), default="gpt2")
+    ap.add_argument("--family", choices=FAMILIES, default="gpt2",
+                    help="LM family of the tiny LLM and distiller (gpt2: the one that learns ICL in budget)")
     ap.add_argument("--quick", action="store_true", help="the CI-sized world and run (tests/test_world.py)")
     ap.add_argument("--llm_steps", type=int, default=None, help="LLM pretraining steps (default: RunConfig)")
     ap.add_argument("--threads", type=int, default=2)

@@ -105,6 +105,25 @@ def test_meta_train_episode_layout_gpt2(tmp_path, gpt2_tok):
         assert ep.demo_ids[:3] == ids(gpt2_tok, f"input{demo_nums[0]} word")  # first demo without a space
 
 
+def test_meta_train_pool_keeps_repeats_of_the_big_file_and_dedups_the_fallback(tmp_path, gpt2_tok):
+    """{task}_16384_100_train.jsonl is sampled as written (a repeated (x, y) row is a real sample, so the query's
+    input can also be among the demonstrations); the k=16 fallback files overlap across seeds, so they are
+    deduplicated."""
+    rows = [row("red", "alpha", ()), row("blue", "beta", ())]
+    root = make_metaicl(tmp_path, {"tr": rows * 2}, {}, ttype="free-form", seeds=(100, 13))
+    s = data.MetaTrainSampler(root, "s", gpt2_tok, k=4, seed=0, verbose=False)
+    assert s.pools == [[("red", "alpha"), ("blue", "beta")]]  # 2 files x 2 splits x 4 rows -> 2 distinct rows
+    write_rows(root / "data" / "tr" / "tr_16384_100_train.jsonl", [dict(task="tr", **r) for r in rows * 8])
+    s = data.MetaTrainSampler(root, "s", gpt2_tok, k=4, seed=0, verbose=False)
+    assert len(s.pools[0]) == 16
+    eps = [next(s) for _ in range(20)]
+    assert all(len(gpt2_tok.decode(e.demo_ids).split()) == 8 for e in eps)  # K = 4 (x, y) pairs every time
+    # 5 rows drawn from 8 x red + 8 x blue: the query's input is among the demonstrations unless all 4 are the other
+    # colour (p = C(8,4)/C(15,4) = 5%); a deduplicated pool would never show it
+    seen = sum(gpt2_tok.decode(e.query_ids).strip() in gpt2_tok.decode(e.demo_ids).split() for e in eps)
+    assert seen >= 16
+
+
 # ------------------------------------------------------------------------------------------------ truncation
 
 def test_truncation_rules(tiny_tokenizer):

@@ -108,7 +108,7 @@ def test_pretrain_then_finetune_gpt2(sharp_gpt2_dir, tiny_gpt2_distiller_dir, ti
     assert rec["loss"] == pytest.approx(rec["pred"] + rec["distill"], rel=1e-5)   # lam = 1
     # the best module is what eval.py loads and scores
     module = mend.load(ft / "best", llm_name=str(sharp_gpt2_dir))
-    assert isinstance(module, mend.MEND) and module.l == 4
+    assert isinstance(module, mend.MEND) and module.l == 4 and module.projection == "tanh"  # auto: widths differ
     assert meval.load_module("mend", ft / "best", str(sharp_gpt2_dir), torch.float32, "cpu").l == 4
 
 
@@ -135,10 +135,12 @@ def test_baselines_and_default_run_folders(sharp_gpt2_dir, tiny_gpt2_distiller_d
     base = ["--llm", str(sharp_gpt2_dir), "--distiller", str(tiny_gpt2_distiller_dir), "--data_dir",
             str(tiny_metaicl_dir), "--l", "4", "--k", "4", "--log_every", "1", "--device", "cpu", "--lr", "1e-2",
             "--eval_every", "0", "--split", "tiny"]
-    train.main(base + ["--stage", "pretrain", "--objective", "clm", "--c4", str(tiny_c4), "--max_steps", "20"])
+    train.main(base + ["--stage", "pretrain", "--objective", "clm", "--c4", str(tiny_c4), "--max_steps", "20",
+                       "--projection", "linear"])
     pre = Path("runs/pretrain-hypertuning-c4")
     a, b = first_last(train_losses(pre), 5)
     assert b < a and "clm" in json.loads(open(pre / "log.jsonl").readline())
+    assert json.load(open(pre / "best" / "config.json"))["projection"] == "linear"  # --projection reaches MEND
     train.main(base + ["--stage", "finetune", "--objective", "pred", "--init", str(pre / "best"), "--max_steps", "5"])
     assert (Path("runs/finetune-hypertuning-tiny/best") / "config.json").is_file()
     train.main(base + ["--stage", "finetune", "--method", "prompt_tuning", "--max_steps", "40"])
@@ -416,6 +418,8 @@ def test_user_errors(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, 
                                                    "(e.g. HR_to_LR, class_to_class)")
     assert _exits(base("--stage", "pretrain", "--objective", "pred")) == (
         "train.py: --objective 'pred': expected one of distill, clm, clm+distill for --stage pretrain")
+    assert _exits(base("--stage", "finetune", "--split", "tiny", "--projection", "mlp")) == (
+        "train.py: --projection 'mlp': expected one of auto, tanh, linear, identity")
 
 
 def test_user_error_exit_code_from_the_command_line(tmp_path):

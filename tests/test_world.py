@@ -1,8 +1,8 @@
 """Tests for world.py: the generator is deterministic by seed and writes the real formats (C4 json.gz, MetaICL
-layout) with disjoint meta-train / meta-test families and demonstrations that cover every item; the LM phase
-round-trips through model.py; run_pipeline runs train.py / eval.py / bench.py end to end in miniature. The accuracy
-targets of issue 9 (ICL and MEND vs zero-shot) are NOT asserted here: the tiny LLM needs ~5,000 steps (~6 min) to
-learn in context, and MEND does not beat zero-shot yet (see /work/spec/readme/world.py.md)."""
+layout) with label-disjoint meta-train / meta-test families and demonstrations that cover every item; the LM phase
+round-trips through model.py; run_pipeline runs train.py / eval.py / bench.py end to end in miniature for every
+family; and the CI-sized quick run learns in context (ICL >= zero-shot + 10). MEND's accuracy targets of issue 9
+are measured by the full run, not asserted here (README, the tiny world)."""
 import gzip
 import hashlib
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import model
 import world
 
 
@@ -43,7 +44,7 @@ def test_metaicl_layout_and_disjoint_families(small_world):
     setting = json.loads((meta / "config" / "tiny_world.json").read_text())
     assert setting["train"] == summary["train_tasks"] and setting["test"] == summary["test_tasks"]
     assert len(setting["train"]) == 4 and len(setting["test"]) == 3
-    words = {}
+    words, items = {}, {}
     for split, tasks in setting.items():
         for task in tasks:
             cfg = json.loads((meta / "config" / "tasks" / f"{task}.json").read_text())
@@ -55,7 +56,8 @@ def test_metaicl_layout_and_disjoint_families(small_world):
                     for r in rows:
                         assert set(r) == {"task", "input", "output", "options"} and r["task"] == task
                         assert r["output"] in r["options"] and r["options"] == cfg["options"]
-                        words.setdefault(split, set()).update(r["input"].split()[-1:] + [r["output"]])
+                        words.setdefault(split, set()).add(r["output"])
+                        items.setdefault(split, set()).add(r["input"].split()[-1])
                     # each seed's k demonstrations cover every item of the task: a query's item is always in D
                     if s == "train":
                         assert {r["input"].split()[-1] for r in rows} == set(summary["rules"][task])
@@ -63,9 +65,29 @@ def test_metaicl_layout_and_disjoint_families(small_world):
             extra_rows = world.read_jsonl(meta / "data" / task / extra)
             assert len(extra_rows) == (8 if split == "test" else 32)
             rule = summary["rules"][task]
-            assert 2 <= len(rule) <= 6 and all(rule[r["input"].split()[-1]] == r["output"] for r in extra_rows)
-    # the deciding words and label words of the meta-test family never occur in the meta-train family
+            assert 2 <= len(rule) <= 4 and all(rule[r["input"].split()[-1]] == r["output"] for r in extra_rows)
+    # the label words of the meta-test family never occur in the meta-train family; the 4 keys are shared
     assert not words["train"] & words["test"]
+    assert items["train"] == items["test"] == set(summary["lexicon"]["items"]) and len(items["test"]) == 4
+
+
+def test_disjoint_items_and_category_rules(tmp_path):
+    """shared_items=False gives each family its own half of the items; n_categories > 0 makes the label a function
+    of the item's category (index mod n_categories), one label word per category in each task."""
+    cfg = world.WorldConfig(n_items=64, shared_items=False, n_categories=4, n_train_tasks=6, n_test_tasks=6,
+                            n_test_queries=8, pool_size=16, n_passages=20)
+    summary = world.generate_world(tmp_path, cfg)
+    lex = summary["lexicon"]
+    used = {split: set() for split in ("train", "test")}
+    for split in used:
+        for task in summary[f"{split}_tasks"]:
+            rule = summary["rules"][task]
+            used[split] |= set(rule)
+            by_cat = {}
+            for item, label in rule.items():
+                assert by_cat.setdefault(world.category(lex, item, cfg), label) == label
+            assert len(set(by_cat.values())) == len(by_cat)  # distinct categories get distinct label words
+    assert used["train"] <= set(lex["items"][:32]) and used["test"] <= set(lex["items"][32:])
 
 
 def test_corpus_is_c4_format_and_icl_shaped(small_world):
@@ -86,7 +108,7 @@ def test_corpus_is_c4_format_and_icl_shaped(small_world):
                 n += 1
         used = [w for w in words if w in fillers]
         assert len(used) == len(set(used)) and all(w in items | labels | fillers for w in words)
-        assert 12 <= n <= 24 and 2 <= len(rule) <= 6
+        assert 12 <= n <= 24 and 2 <= len(rule) <= 4
 
 
 def test_data_py_reads_the_world(small_world, tiny_tokenizer):
@@ -113,7 +135,6 @@ def quick_world(tmp_path_factory):
 def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
     """The LM phase on the CI-sized world (a short run): the tokenizer makes every item and label word one token,
     the loss falls, the checkpoint loads back through model.from_pretrained, and the scorer returns sane numbers."""
-    import model
 
     tok = world.train_tokenizer(world.corpus_texts(quick_world))
     assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("<eos>") == 1
@@ -129,16 +150,20 @@ def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
     assert 25 < acc["chance"] < 55
 
 
-def test_pipeline_end_to_end_small(tmp_path):
-    """`python world.py --out DIR` in miniature: world -> tokenizer -> LLM + distiller -> train.py stage 1 (distill,
-    clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning) -> eval.py (5 methods,
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
+def test_pipeline_end_to_end_small(tmp_path, family):
+    """`python world.py --out DIR --family F` in miniature, for every LM family: world -> tokenizer -> LLM +
+    distiller -> train.py stage 1 (distill, clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning) -> eval.py (5 methods,
     ablation, K sweep) -> bench.py; DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step
     counts): the accuracy targets are measured by the full run (README)."""
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
-                        distiller=dict(n_embd=16, n_head=2, steps=10, batch_size=8),
-                        l=2, stage1_steps=3, stage2_steps=3, k_sweep=(1, 16), bench=True)
-    res = world.run_pipeline(tmp_path, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
+                        distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
+                        l=2, stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
+    res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
+    assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
+    dist = model.load_config(tmp_path / "distiller")
+    assert dist == model.load_config(tmp_path / "llm") if family == "gpt2" else dist["model_type"] == family
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["methods"] == pytest.approx(res["methods"])
     assert set(res["methods"]) == {"zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"}
@@ -171,3 +196,18 @@ def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
             used = [w for r in rows for w in r["input"].split()[:-1]]
             assert all(w in fillers for w in used) and len(used) == len(set(used))
             assert {r["input"].split()[-1] for r in rows} == set(summary["rules"][task])
+
+
+def test_quick_world_learns_in_context(tmp_path):
+    """Issue 9's CI guard, half of it: `python world.py --quick` (the CI-sized world and run, ~4.5 min on one
+    core) trains a tiny LLM that really learns in context on held-out tasks (measured: ICL 69.5 vs zero-shot 20.3,
+    chance 29.2), and MEND's stage 1 learns its objective. The other half of the issue's assertion, MEND >=
+    zero-shot + 10, is NOT asserted: MEND stays at chance in the quick run (measured 24.2; README, tiny world)."""
+    res = world.run_pipeline(tmp_path, quick=True, threads=1, log=lambda *a: None)
+    m = res["methods"]
+    print("quick world:", {k: round(v, 1) for k, v in m.items()}, "chance", round(res["chance"], 1))
+    assert m["icl"] >= m["zero_shot"] + 10, m
+    assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
+    s1 = [json.loads(line) for line in open(tmp_path / "runs" / "pretrain-mend" / "log.jsonl")]
+    distill = [r["distill"] for r in s1 if "distill" in r]
+    assert distill[-1] < 0.7 * distill[0], distill  # stage 1: L_distill falls (measured 1.04 -> 0.42)
