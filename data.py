@@ -391,10 +391,11 @@ class MetaTrainSampler:
 
     Pool per meta-train task: {task}_16384_100_train.jsonl when present, taken as written (repeated (x, y) rows are
     real samples and MetaICL samples them as such), else every k=16 train and dev file of every seed (rows
-    deduplicated: those files overlap across seeds). Episode number i (global, over all ranks) is drawn with rng(seed, i): a task
-    uniformly among the tasks with >= 2 rows, then K+1 distinct rows (fewer if the pool is smaller), the first
-    K as demonstrations in drawn order and the last as (x, y). Rank r takes i = n * world_size + r at its n-th
-    step, so the union over ranks equals one process's stream (same global batch, same episodes).
+    deduplicated: those files overlap across seeds). Episode number i (global, over all ranks) is drawn with
+    rng(seed, i): a task uniformly among the tasks with >= 2 rows, then K+1 distinct rows (fewer if the pool is
+    smaller), the first K as demonstrations in drawn order and the last as (x, y). Rank r takes
+    i = n * world_size + r at its n-th step, so the union over ranks equals one process's stream (same global
+    batch, same episodes).
     state_dict() = the step n: exact resume.
     """
 
