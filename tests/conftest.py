@@ -18,6 +18,32 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 # cores (measured on test_mend/test_eval), and keeps timings stable. DDP tests set their own per process.
 torch.set_num_threads(1)
 
+def maxdiff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_left_padding_and_holes(ours, ref, rows, tol):
+    """Decoder-only parity under padding: each of `rows` (1-D id tensors, rows[0] the longest, >= 9 tokens)
+    left-padded into one batch, and rows[0] with a 2-token hole + right padding, give the logits `ref` gives the
+    unpadded row (positions come from the mask). Returns the holed input, its mask and our logits at its real
+    tokens, for further checks."""
+    T = len(rows[0])
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask).logits
+        assert not out.isnan().any()
+        for b, r in enumerate(rows):
+            assert maxdiff(out[b, T - len(r):], ref(r[None]).logits[0]) <= tol
+        r = rows[0]  # a hole in the middle + right padding: invisible to the tokens after it
+        holed = torch.cat([r[:4], torch.tensor([0, 0]), r[4:9], torch.tensor([0])])[None]
+        hmask = torch.tensor([[1] * 4 + [0, 0] + [1] * 5 + [0]])
+        got = ours(holed, attention_mask=hmask).logits[0][hmask[0].bool()]
+        assert maxdiff(got, ref(r[None, :9]).logits[0]) <= tol
+    return holed, hmask, got
+
+
 # A few sentences in the style of the tiny world and the MetaICL prompts; enough for a 400-token BPE.
 TINY_TEXT = [
     "the red cube is heavy . label : alpha",

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import mend
 import model
+from conftest import check_left_padding_and_holes, maxdiff
 
 transformers = pytest.importorskip("transformers")  # the numerical reference (requirements-test.txt)
 
@@ -41,10 +42,6 @@ CASES = {
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(LLAMA_BASE, num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 def hf_model(case, seed=0):
@@ -124,21 +121,8 @@ def test_logits_match_transformers(tmp_path, case, layout):
 @pytest.mark.parametrize("case", list(CASES))
 def test_left_padding_holes_embeds_and_lean_head(pairs, case):
     ref, ours = pairs[case]
-    rows = [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)]
-    T = 12
-    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    check_left_padding_and_holes(ours, ref, [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)], TOL)
     with torch.no_grad():
-        out = ours(ids, attention_mask=mask).logits
-        assert not out.isnan().any()
-        for b, r in enumerate(rows):
-            assert maxdiff(out[b, T - len(r):], ref(r[None]).logits[0]) <= TOL
-        r = rows[0]  # a hole in the middle + right padding: invisible to the tokens after it
-        holed = torch.cat([r[:4], torch.tensor([0, 0]), r[4:9], torch.tensor([0])])[None]
-        hmask = torch.tensor([[1] * 4 + [0, 0] + [1] * 5 + [0]])
-        got = ours(holed, attention_mask=hmask).logits[0][hmask[0].bool()]
-        assert maxdiff(got, ref(r[None, :9]).logits[0]) <= TOL
         # inputs_embeds == input_ids; return_logits=False + head() == logits
         x = ids_batch()
         full = ours(x)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import model
-from conftest import shared_path
+from conftest import check_left_padding_and_holes, maxdiff, shared_path
 
 transformers = pytest.importorskip("transformers")  # the numerical reference (requirements-test.txt)
 
@@ -22,10 +22,6 @@ T5_V10 = dict(model_type="t5", vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_
               decoder_start_token_id=0)
 # v1.1: gated-GELU, untied head, d_kv * num_heads = 24 != d_model = 32, more decoder than encoder layers
 T5_V11 = dict(T5_V10, d_kv=6, num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-
-
-def maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 def hf_gpt2(seed=0):
@@ -111,23 +107,8 @@ def test_gpt2_logits_match_transformers(tmp_path, layout):
 
 def test_gpt2_left_padding_and_holes_equal_unpadded_rows(gpt2_pair):
     ref, ours, _ = gpt2_pair
-    rows = [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)]
-    T = 12
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    holed, hmask, got = check_left_padding_and_holes(ours, ref, [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)], TOL)
     with torch.no_grad():
-        out = ours(ids, attention_mask=mask).logits
-        assert not out.isnan().any()
-        for b, r in enumerate(rows):
-            assert maxdiff(out[b, T - len(r):], ref(r[None]).logits[0]) <= TOL
-        # holes in the middle and right padding: positions come from the mask, so the hole is invisible
-        r = rows[0]
-        holed = torch.cat([r[:4], torch.tensor([0, 0]), r[4:9], torch.tensor([0])])[None]
-        hmask = torch.tensor([[1] * 4 + [0, 0] + [1] * 5 + [0]])
-        got = ours(holed, attention_mask=hmask).logits[0][hmask[0].bool()]
-        assert maxdiff(got, ref(r[None, :9]).logits[0]) <= TOL
         # explicit position_ids give the same as positions derived from the mask
         pos = (hmask.cumsum(-1) - 1).clamp(min=0)
         assert maxdiff(ours(holed, attention_mask=hmask, position_ids=pos).logits[0][hmask[0].bool()], got) == 0

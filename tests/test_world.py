@@ -15,7 +15,8 @@ import world
 
 
 def _digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _small(seed=0):
@@ -153,9 +154,10 @@ def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
 def test_pipeline_end_to_end_small(tmp_path, family):
     """`python world.py --out DIR --family F` in miniature, for every LM family: world -> tokenizer -> LLM +
-    distiller -> train.py stage 1 (distill, clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning) -> eval.py (5 methods,
-    ablation, K sweep) -> bench.py; DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step
-    counts): the accuracy targets are measured by the full run (README)."""
+    distiller -> train.py stage 1 (distill, clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill
+    ablation, PromptTuning), each with validation -> eval.py (5 methods, ablation, K sweep) -> bench.py;
+    DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step counts): the accuracy targets
+    are measured by the full run (README)."""
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
