@@ -160,8 +160,8 @@ def test_batch_size_invariance_and_cache(family, request):
         for bs in (2, 1000):
             for use_cache in (True, False):
                 got = ev.score_queries(llm, qs, ctx, batch_size=bs, use_cache=use_cache)
-                for a, b in zip(got, ref):
-                    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+                for a, b in zip(got, ref):  # fp32 sums of ~30 nats: batch shape changes the reduction order,
+                    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6)  # 1.1e-5 measured on an AMD EPYC
                 assert ev.predict(got) == ev.predict(ref)
 
 
