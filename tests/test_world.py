@@ -204,13 +204,14 @@ def test_quick_world_learns_in_context(tmp_path):
     """Issue 9's CI guard, half of it: `python world.py --quick` (the CI-sized world and run, 4.5-9 min on one
     core depending on the machine) trains a tiny LLM that really learns in context on 24 held-out tasks (measured:
     ICL 70.9 vs zero-shot 33.6, chance 34.7), and MEND's stage 1 learns its objective (L_distill 0.87 -> 0.32).
-    The other half of the issue's assertion, MEND >= zero-shot + 10, is NOT asserted: MEND stays at chance in the
-    quick run (measured 32.4; README, tiny world)."""
+    Zero-shot sits within 5 points of chance (item 4). The other half of the issue's CI assertion, MEND >=
+    zero-shot + 10, is NOT asserted: MEND stays at chance in the quick run (measured 32.4; README, tiny world)."""
     res = world.run_pipeline(tmp_path, quick=True, threads=1, log=lambda *a: None)
     m = res["methods"]
     print("quick world:", {k: round(v, 1) for k, v in m.items()}, "chance", round(res["chance"], 1))
     assert m["icl"] >= m["zero_shot"] + 10, m
     assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
+    assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured -1.1)
     s1 = [json.loads(line) for line in open(tmp_path / "runs" / "pretrain-mend" / "log.jsonl")]
     distill = [r["distill"] for r in s1 if "distill" in r]
     assert distill[-1] < 0.7 * distill[0], distill  # stage 1: L_distill falls (measured 0.87 -> 0.32)
