@@ -518,7 +518,14 @@ class RunConfig:
     # (a d=64 one did not learn in context in 1,500 steps, and MEND with it stayed at chance)
     distiller: dict = None
     l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
-    stage1_steps: int = 6000         # train.py --stage pretrain --objective distill (MEND): the part that generalizes
+    # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
+    # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps), each one train.py run initialized from the
+    # previous run's last checkpoint with a fresh LR schedule, then the final whole-passage phase of stage1_steps
+    # (validated; its best checkpoint is MEND's stage 1). On 4-token then 8-token passages (2, then 4 demonstrations
+    # split half/half) the distiller first learns to carry a few demonstrations in its l slots in a form the LLM
+    # reads; whole passages from the start left MEND near chance (README, the tiny world)
+    stage1_warmup: tuple = ((8, 0.5, 1000), (16, 0.5, 1000), (0, 0.8, 2000))
+    stage1_steps: int = 3000
     stage1_batch_size: int = 16
     stage1_lr: float = 2e-3
     clm_steps: int = 1000            # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr
@@ -526,15 +533,15 @@ class RunConfig:
     batch_size: int = 8              # stage 2
     lr: float = 3e-4                 # stage 2: short and gentle, as it overfits the 24 meta-train label words
     # validation on the meta-test tasks' dev files picks each run's best checkpoint (the paper's Appendix A)
-    stage1_eval_every: int = 1000
+    stage1_eval_every: int = 500
     stage2_eval_every: int = 50
     k_sweep: tuple = (1, 4, 16)
     bench: bool = True
 
     @classmethod
     def quick(cls) -> "RunConfig":
-        return cls(llm=dict(steps=2000, batch_size=32), stage1_steps=2400, clm_steps=100, stage2_steps=100,
-                   stage1_eval_every=600, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
+        return cls(llm=dict(steps=2000, batch_size=32), stage1_warmup=(), stage1_steps=2400, clm_steps=100,
+                   stage2_steps=100, stage1_eval_every=600, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
 
 
 def _accuracy(result: dict, method: str) -> float:
@@ -595,11 +602,19 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
               "--split", SETTING, "--l", str(rcfg.l), "--save_every", "100000", "--log_every", "100",
               "--seed", str(seed), "--overwrite"]
+    stage1 = ["--stage", "pretrain", "--c4", *shards, "--batch_size", str(rcfg.stage1_batch_size),
+              "--lr", str(rcfg.stage1_lr)]
+    init = []
+    for i, (max_len, beta, steps) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig.stage1_warmup)
+        out_i = runs / f"pretrain-mend-warmup{i + 1}"
+        lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else ["--min_len", "16"]
+        train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--eval_every", "0",
+                    "--max_steps", str(steps), "--out", str(out_i), *init, *common])
+        init = ["--init", str(out_i / "last")]
     for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
-        train.main(["--stage", "pretrain", "--objective", obj, "--c4", *shards, "--min_len", "16",
-                    "--batch_size", str(rcfg.stage1_batch_size), "--lr", str(rcfg.stage1_lr),
-                    "--eval_every", str(min(rcfg.stage1_eval_every, steps)),
-                    "--max_steps", str(steps), "--out", str(runs / f"pretrain-{name}"), *common])
+        train.main([*stage1, "--objective", obj, "--min_len", "16",
+                    "--eval_every", str(min(rcfg.stage1_eval_every, steps)), "--max_steps", str(steps),
+                    "--out", str(runs / f"pretrain-{name}"), *(init if obj == "distill" else []), *common])
     phase("stage1")
     stage2 = {"mend": ["--objective", "finetune", "--init", str(runs / "pretrain-mend" / "best")],
               "hypertuning": ["--objective", "pred", "--init", str(runs / "pretrain-hypertuning" / "best")],

@@ -161,7 +161,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
-                        l=2, stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
+                        l=2, stage1_warmup=((8, 0.5, 2), (0, 0.8, 2)), stage1_steps=3, clm_steps=2, stage2_steps=3,
+                        k_sweep=(1, 16), bench=True)
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     dist = model.load_config(tmp_path / "distiller")
@@ -174,9 +175,16 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     assert set(res["k_sweep"]) == {"1", "16"}
     assert {"mend", "mend_without_L_distill", "mend_stage1_only"} <= set(res["ablation"])
     assert set(res["seconds"]) == {"generate", "llm", "distiller", "stage1", "stage2", "eval", "bench"}
-    for run in ("pretrain-mend", "pretrain-hypertuning", "finetune-mend", "finetune-hypertuning",
-                "finetune-mend-pred", "finetune-prompt_tuning"):
+    for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend", "pretrain-hypertuning",
+                "finetune-mend", "finetune-hypertuning", "finetune-mend-pred", "finetune-prompt_tuning"):
         assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
+    # the curriculum: each MEND stage-1 phase starts from the previous phase's last checkpoint, on passages cut
+    # to its length (8 tokens: D = 4, y = 4)
+    info = [json.loads((tmp_path / "runs" / r / "best" / "train_info.json").read_text())["config"]
+            for r in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
+    assert [c["max_len"] for c in info] == [8, 1024, 1024] and [c["beta"] for c in info] == [0.5, 0.8, 0.8]
+    assert info[0]["init"] == "" and info[1]["init"].endswith("pretrain-mend-warmup1/last")
+    assert info[2]["init"].endswith("pretrain-mend-warmup2/last")
     assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
 
 
