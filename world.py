@@ -16,8 +16,9 @@ It holds, top to bottom:
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
      probe ICL during LM pretraining (eval.py does the real evaluation).
   4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
-     train.py stage 1 (distill; clm for HyperTuning) -> stage 2 (finetune; pred for HyperTuning and the
-     no-L_distill ablation; PromptTuning) -> eval.py (5 methods, ablation, K sweep) -> bench.py -> DIR/results.json.
+     train.py stage 1 (distill, as a short-to-long curriculum over passage length; clm for HyperTuning) ->
+     stage 2 (finetune; pred for HyperTuning and the no-L_distill ablation; PromptTuning) -> eval.py (5 methods,
+     ablation, K sweep) -> bench.py -> DIR/results.json.
 
 Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench.py in run_pipeline; data.py reads
 what generate_world writes. Everything is deterministic by --seed (string-seeded random.Random per file, gzip mtime
@@ -555,7 +556,8 @@ def _accuracy(result: dict, method: str) -> float:
 def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, threads: int = 2,
                  world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print) -> dict:
     """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the smaller distiller LM,
-    MEND stage 1 (distill) and HyperTuning's stage 1 (clm) through train.py, stage 2 (MEND finetune, HyperTuning
+    MEND stage 1 (distill; RunConfig.stage1_warmup's phases, then the final one) and HyperTuning's stage 1 (clm)
+    through train.py, stage 2 (MEND finetune, HyperTuning
     pred, the no-L_distill ablation, PromptTuning), eval.py (5 methods, ablation, K sweep) and bench.py.
     Writes DIR/results.json and returns it."""
     import torch
