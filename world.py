@@ -522,9 +522,9 @@ class RunConfig:
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
     # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps), each one train.py run initialized from the
     # previous run's last checkpoint with a fresh LR schedule, then the final whole-passage phase of stage1_steps
-    # (validated; its best checkpoint is MEND's stage 1). On 4-token then 8-token passages (2, then 4 demonstrations
-    # split half/half) the distiller first learns to carry a few demonstrations in its l slots in a form the LLM
-    # reads; whole passages from the start left MEND near chance (README, the tiny world)
+    # (validated; its best checkpoint is MEND's stage 1). On 8-token then 16-token passages (D = 2, then 4
+    # demonstrations; the LLM continues with as many) the distiller first learns to carry a few demonstrations in its
+    # l slots in a form the LLM reads; whole passages from the start left MEND near chance (README, the tiny world)
     stage1_warmup: tuple = ((8, 0.5, 1000), (16, 0.5, 1000), (0, 0.8, 2000))
     stage1_steps: int = 3000
     stage1_batch_size: int = 16
@@ -557,9 +557,8 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
                  world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print) -> dict:
     """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the smaller distiller LM,
     MEND stage 1 (distill; RunConfig.stage1_warmup's phases, then the final one) and HyperTuning's stage 1 (clm)
-    through train.py, stage 2 (MEND finetune, HyperTuning
-    pred, the no-L_distill ablation, PromptTuning), eval.py (5 methods, ablation, K sweep) and bench.py.
-    Writes DIR/results.json and returns it."""
+    through train.py, stage 2 (MEND finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning), eval.py
+    (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json and returns it."""
     import torch
 
     import data
