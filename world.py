@@ -605,15 +605,16 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
               "--seed", str(seed), "--overwrite"]
     stage1 = ["--stage", "pretrain", "--c4", *shards, "--batch_size", str(rcfg.stage1_batch_size),
               "--lr", str(rcfg.stage1_lr)]
+    whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
     for i, (max_len, beta, steps) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig.stage1_warmup)
         out_i = runs / f"pretrain-mend-warmup{i + 1}"
-        lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else ["--min_len", "16"]
+        lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
         train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--eval_every", "0",
                     "--max_steps", str(steps), "--out", str(out_i), *init, *common])
         init = ["--init", str(out_i / "last")]
     for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
-        train.main([*stage1, "--objective", obj, "--min_len", "16",
+        train.main([*stage1, "--objective", obj, *whole,
                     "--eval_every", str(min(rcfg.stage1_eval_every, steps)), "--max_steps", str(steps),
                     "--out", str(runs / f"pretrain-{name}"), *(init if obj == "distill" else []), *common])
     phase("stage1")
