@@ -520,12 +520,14 @@ class RunConfig:
     distiller: dict = None
     l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
-    # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps), each one train.py run initialized from the
-    # previous run's last checkpoint with a fresh LR schedule, then the final whole-passage phase of stage1_steps
-    # (validated; its best checkpoint is MEND's stage 1). On 8-token then 16-token passages (D = 2, then 4
+    # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size), each one train.py run
+    # initialized from the previous run's last checkpoint with a fresh LR schedule, then the final whole-passage
+    # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token then 16-token passages (D = 2, then 4
     # demonstrations; the LLM continues with as many) the distiller first learns to carry a few demonstrations in its
-    # l slots in a form the LLM reads; whole passages from the start left MEND near chance (README, the tiny world)
-    stage1_warmup: tuple = ((8, 0.5, 1000), (16, 0.5, 1000), (0, 0.8, 2000))
+    # l slots in a form the LLM reads; whole passages from the start left MEND near chance (README, the tiny world).
+    # The short phases run at batch 64 (cheap at 8-16 tokens): at batch 16 they needed 1,000 + 1,000 steps and
+    # 4,000-5,000 whole-passage steps after them to reach what batch 64 reaches after 500 + 500 and 2,000
+    stage1_warmup: tuple = ((8, 0.5, 500, 64), (16, 0.5, 500, 64))
     stage1_steps: int = 3000
     stage1_batch_size: int = 16
     stage1_lr: float = 2e-3
@@ -541,8 +543,9 @@ class RunConfig:
 
     @classmethod
     def quick(cls) -> "RunConfig":
-        return cls(llm=dict(steps=2000, batch_size=32), stage1_warmup=(), stage1_steps=2400, clm_steps=100,
-                   stage2_steps=100, stage1_eval_every=600, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
+        """The CI-sized run: a 2,000-step LLM, the same short phases, then 600 whole-passage steps at batch 64."""
+        return cls(llm=dict(steps=2000, batch_size=32), stage1_steps=600, stage1_batch_size=64, clm_steps=100,
+                   stage2_steps=100, stage1_eval_every=300, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
 
 
 def _accuracy(result: dict, method: str) -> float:
@@ -607,11 +610,11 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
               "--lr", str(rcfg.stage1_lr)]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
-    for i, (max_len, beta, steps) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig.stage1_warmup)
+    for i, (max_len, beta, steps, batch) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
         out_i = runs / f"pretrain-mend-warmup{i + 1}"
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
-        train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--eval_every", "0",
-                    "--max_steps", str(steps), "--out", str(out_i), *init, *common])
+        train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--batch_size", str(batch),
+                    "--eval_every", "0", "--max_steps", str(steps), "--out", str(out_i), *init, *common])
         init = ["--init", str(out_i / "last")]
     for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
         train.main([*stage1, "--objective", obj, *whole,
