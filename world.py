@@ -522,11 +522,12 @@ class RunConfig:
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
     # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size), each one train.py run
     # initialized from the previous run's last checkpoint with a fresh LR schedule, then the final whole-passage
-    # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token then 16-token passages (D = 2, then 4
-    # demonstrations; the LLM continues with as many) the distiller first learns to carry a few demonstrations in its
-    # l slots in a form the LLM reads; whole passages from the start left MEND near chance (README, the tiny world).
-    # The short phases run at batch 64 (cheap at 8-16 tokens): at batch 16 they needed 1,000 + 1,000 steps and
-    # 4,000-5,000 whole-passage steps after them to reach what batch 64 reaches after 500 + 500 and 2,000
+    # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token then
+    # 16-token passages (D = 2, then 4 demonstrations; the LLM continues with as many) the distiller first learns to
+    # carry a few demonstrations in its l slots in a form the LLM reads; whole passages from the start left MEND
+    # near chance (README, the tiny world). The short phases run at batch 64 (cheap at 8-16 tokens): at batch 16
+    # they needed 1,000 + 1,000 steps and 4,000-5,000 whole-passage steps after them to reach what batch 64 reaches
+    # after 500 + 500 and 1,500-2,000
     stage1_warmup: tuple = ((8, 0.5, 500, 64), (16, 0.5, 500, 64))
     stage1_steps: int = 3000
     stage1_batch_size: int = 16
@@ -573,6 +574,10 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     out = Path(out)
     wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
     rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
+    for ph in rcfg.stage1_warmup:
+        if len(ph) != 4:
+            raise ValueError(f"world.py: RunConfig.stage1_warmup entry {ph!r}: expected (max_len, beta, steps, "
+                             f"batch_size)")
     times, t_all = {}, time.time()
 
     def phase(name):

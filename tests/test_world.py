@@ -161,8 +161,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
-                        l=2, stage1_warmup=((8, 0.5, 2, 4), (0, 0.8, 2, 8)), stage1_steps=3, clm_steps=2, stage2_steps=3,
-                        k_sweep=(1, 16), bench=True)
+                        l=2, stage1_warmup=((8, 0.5, 2, 4), (0, 0.8, 2, 8)), stage1_steps=3, clm_steps=2,
+                        stage2_steps=3, k_sweep=(1, 16), bench=True)
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     dist = model.load_config(tmp_path / "distiller")
@@ -187,6 +187,15 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     assert info[0]["init"] == "" and info[1]["init"].endswith("pretrain-mend-warmup1/last")
     assert info[2]["init"].endswith("pretrain-mend-warmup2/last")
     assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_pipeline_rejects_a_curriculum_phase_without_batch_size(tmp_path):
+    """stop 13's 3-value phases (max_len, beta, steps) fail before anything is written, naming the entry."""
+    r = world.RunConfig(stage1_warmup=((8, 0.5, 1000),))
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_warmup entry \(8, 0.5, 1000\): expected "
+                                         r"\(max_len, beta, steps, batch_size\)$"):
+        world.run_pipeline(tmp_path / "out", threads=1, run_cfg=r, log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
