@@ -542,6 +542,12 @@ class RunConfig:
     k_sweep: tuple = (1, 4, 16)
     bench: bool = True
 
+    def __post_init__(self):
+        for ph in self.stage1_warmup:
+            if len(ph) != 4:
+                raise ValueError(f"world.py: RunConfig.stage1_warmup entry {tuple(ph)!r}: expected (max_len, beta, "
+                                 f"steps, batch_size)")
+
     @classmethod
     def quick(cls) -> "RunConfig":
         """The CI-sized run: a 2,000-step LLM, the same short phases, then 600 whole-passage steps at batch 64."""
@@ -574,10 +580,6 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     out = Path(out)
     wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
     rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
-    for ph in rcfg.stage1_warmup:
-        if len(ph) != 4:
-            raise ValueError(f"world.py: RunConfig.stage1_warmup entry {ph!r}: expected (max_len, beta, steps, "
-                             f"batch_size)")
     times, t_all = {}, time.time()
 
     def phase(name):
@@ -611,8 +613,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
               "--split", SETTING, "--l", str(rcfg.l), "--save_every", "100000", "--log_every", "100",
               "--seed", str(seed), "--overwrite"]
-    stage1 = ["--stage", "pretrain", "--c4", *shards, "--batch_size", str(rcfg.stage1_batch_size),
-              "--lr", str(rcfg.stage1_lr)]
+    stage1 = ["--stage", "pretrain", "--c4", *shards, "--lr", str(rcfg.stage1_lr)]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
     for i, (max_len, beta, steps, batch) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
@@ -622,7 +623,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
                     "--eval_every", "0", "--max_steps", str(steps), "--out", str(out_i), *init, *common])
         init = ["--init", str(out_i / "last")]
     for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
-        train.main([*stage1, "--objective", obj, *whole,
+        train.main([*stage1, "--objective", obj, *whole, "--batch_size", str(rcfg.stage1_batch_size),
                     "--eval_every", str(min(rcfg.stage1_eval_every, steps)), "--max_steps", str(steps),
                     "--out", str(runs / f"pretrain-{name}"), *(init if obj == "distill" else []), *common])
     phase("stage1")

@@ -189,13 +189,12 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
 
 
-def test_pipeline_rejects_a_curriculum_phase_without_batch_size(tmp_path):
-    """stop 13's 3-value phases (max_len, beta, steps) fail before anything is written, naming the entry."""
-    r = world.RunConfig(stage1_warmup=((8, 0.5, 1000),))
+def test_run_config_rejects_a_curriculum_phase_without_batch_size():
+    """stop 13's 3-value phases (max_len, beta, steps) fail when the config is built, naming the entry."""
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_warmup entry \(8, 0.5, 1000\): expected "
                                          r"\(max_len, beta, steps, batch_size\)$"):
-        world.run_pipeline(tmp_path / "out", threads=1, run_cfg=r, log=lambda *a: None)
-    assert not (tmp_path / "out").exists()
+        world.RunConfig(stage1_warmup=((8, 0.5, 1000),))
+    assert world.RunConfig(stage1_warmup=[[8, 0.5, 1000, 64]]).stage1_warmup == [[8, 0.5, 1000, 64]]
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
