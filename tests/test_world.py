@@ -1,14 +1,15 @@
 """Tests for world.py: the generator is deterministic by seed and writes the real formats (C4 json.gz, MetaICL
 layout) with label-disjoint meta-train / meta-test families and demonstrations that cover every item; the LM phase
 round-trips through model.py; run_pipeline runs train.py / eval.py / bench.py end to end in miniature for every
-family; and the CI-sized quick run learns in context (ICL >= zero-shot + 10). MEND's accuracy targets of issue 9
-are measured by the full run, not asserted here (README, the tiny world)."""
+family; and the CI-sized quick run learns in context (ICL and MEND >= zero-shot + 10). MEND's other accuracy
+targets of issue 9 are measured by the full run, not asserted here (README, the tiny world)."""
 import gzip
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import model
 import world
@@ -218,19 +219,24 @@ def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
 
 
 def test_quick_world_learns_in_context(tmp_path):
-    """Issue 9's CI guard: `python world.py --quick` (the CI-sized world and run, 8-11 min on one core of the
-    stop-14 VM) trains a tiny LLM that really learns in context on 24 held-out tasks, and MEND, trained through
-    train.py's two stages with the short-to-long curriculum, distills the demonstrations into l = 4 vectors that
-    carry the rule (measured: ICL 70.9, MEND 58.1, zero-shot 33.6, chance 34.7). Zero-shot sits within 5 points of
-    chance (item 4) and MEND's stage-1 L_distill falls within each curriculum phase (measured 0.86 -> 0.27 on
-    8-token passages, 0.52 -> 0.27 in the whole-passage phase)."""
-    res = world.run_pipeline(tmp_path, quick=True, threads=1, log=lambda *a: None)
+    """Issue 9's CI guard: `python world.py --quick` (the CI-sized world and run, on both cores of the CI machine
+    as `python world.py` runs by default: ~5 min on this project's 2-core VM) trains a tiny LLM that really learns
+    in context on 24 held-out tasks, and MEND, trained through train.py's two stages with the short-to-long
+    curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured: ICL 74.3, MEND 59.9,
+    zero-shot 37.5, chance 34.7). Zero-shot sits within 5 points of chance (item 4) and MEND's stage-1 L_distill
+    falls within the first and the final curriculum phase (measured 0.67 -> 0.12 on 8-token passages, 0.52 -> 0.32
+    on whole passages)."""
+    threads = torch.get_num_threads()
+    try:  # two intra-op threads: the suite's other tests run on one (conftest), this one has the machine to itself
+        res = world.run_pipeline(tmp_path, quick=True, threads=2, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
     m = res["methods"]
     print("quick world:", {k: round(v, 1) for k, v in m.items()}, "chance", round(res["chance"], 1))
     assert m["icl"] >= m["zero_shot"] + 10, m
-    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +24.5
+    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +22.4
     assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
-    assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured -1.1)
+    assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured +2.8)
     for run in ("pretrain-mend-warmup1", "pretrain-mend"):
         s1 = [json.loads(line) for line in open(tmp_path / "runs" / run / "log.jsonl")]
         distill = [r["distill"] for r in s1 if "distill" in r]
