@@ -21,8 +21,10 @@ It holds, top to bottom:
      ablation, K sweep) -> bench.py -> DIR/results.json.
 
 Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench.py in run_pipeline; data.py reads
-what generate_world writes. Everything is deterministic by --seed (string-seeded random.Random per file, gzip mtime
-0, torch.manual_seed).
+what generate_world writes. The world is byte-deterministic by --seed (string-seeded random.Random per file, gzip
+mtime 0) and every training run is seeded (torch.manual_seed, train.py --seed); the LLM pretraining repeats bit for
+bit, but on a CPU with 2 threads train.py's MEND runs do not (the cause was not pinned down), and stage 1 lands
+differently from run to run (README, "How much of that is the run").
 """
 import argparse
 import gzip
