@@ -530,7 +530,7 @@ class RunConfig:
     # near chance (README, the tiny world). Every phase runs at batch 64: at batch 16 the short phases needed 1,000 +
     # 1,000 steps, and a batch-16 final phase reached the binding on one LLM training and stayed at chance (dev 20-25
     # for 3,000 steps) on another that differed only in float rounding (2 threads instead of 1); at batch 64 every
-    # run measured binds within 500 whole-passage steps (MEND stage 1 60-73; best dev at 1,000-1,500 steps)
+    # run measured binds within 500 whole-passage steps (MEND stage 1 60-74; best dev at 1,000-1,500 steps)
     stage1_warmup: tuple = ((8, 0.5, 500, 64), (16, 0.5, 500, 64))
     stage1_steps: int = 1500
     stage1_batch_size: int = 64
