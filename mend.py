@@ -155,7 +155,13 @@ class MEND(nn.Module):
         slot = t - n[:, None]                                                      # (B, T) placeholder index
         is_ph = (slot >= 0) & (slot < l)
         x = torch.cat([packed, packed.new_zeros(B, l, packed.size(-1))], 1)       # (B, T, d_s)
-        x = torch.where(is_ph[..., None], P[slot.clamp(0, l - 1)], x)              # concat(E_D, E_phi) per row
+        # placeholder j goes to position n + j of its row as a one-hot matmul (exact: one nonzero term per output):
+        # its backward is a plain matmul, where indexing P[slot] would accumulate P's gradient with index_put_, whose
+        # summation order varies from run to run on 2+ CPU threads and on CUDA (training not bit-reproducible)
+        onehot = (slot[..., None] == torch.arange(l, device=dev)).to(P.dtype)    # (B, T, l)
+        with torch.autocast(dev.type, enabled=False):
+            ph = onehot @ P                                                        # (B, T, d_s)
+        x = torch.where(is_ph[..., None], ph, x)                                   # concat(E_D, E_phi) per row
         mask = (t < (n + l)[:, None]).to(torch.long)                               # (B, T)
         if self.distiller.is_encoder_decoder:
             h = self.distiller.encode(inputs_embeds=x, attention_mask=mask)        # bidirectional T5 encoder

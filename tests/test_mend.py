@@ -265,6 +265,28 @@ def test_gradients_reach_distiller_not_llm(family):
         assert all(n.startswith(("encoder.", "shared.")) for n, _ in trainable)
 
 
+def test_gradients_repeat_bit_for_bit_on_two_threads(family):
+    """The same step twice gives the same gradients, bit for bit, with 2 CPU threads (the tiny world's setting).
+    Regression: indexing the placeholders (P[slot]) accumulated their gradient with index_put_, whose summation
+    order varied between runs on 2 threads (this test failed on that code)."""
+    m = build_mend(family, l=8)
+    g = torch.Generator().manual_seed(3)
+    batch = make_batch([(rand_ids(g, 40 + 7 * i), rand_ids(g, 3), rand_ids(g, 4)) for i in range(32)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            m.zero_grad(set_to_none=True)
+            mend.mend_loss(family.llm, m, batch, "distill")["loss"].backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    assert "placeholders" in grads[0]
+    for other in grads[1:]:
+        assert [n for n in grads[0] if not torch.equal(grads[0][n], other[n])] == []
+
+
 @pytest.mark.parametrize("objective", ["distill", "clm", "clm+distill", "pred"])
 def test_objectives(family, objective):
     m = build_mend(family)

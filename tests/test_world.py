@@ -162,8 +162,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
-                        l=2, stage1_warmup=((8, 0.5, 2, 4), (0, 0.8, 2, 8)), stage1_steps=3, clm_steps=2,
-                        stage2_steps=3, k_sweep=(1, 16), bench=True)
+                        l=2, stage1_warmup=((8, 0.5, 2, 4), (0, 0.8, 2, 8)), stage1_restarts=2, stage1_steps=3,
+                        clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     dist = model.load_config(tmp_path / "distiller")
@@ -179,14 +179,21 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend", "pretrain-hypertuning",
                 "finetune-mend", "finetune-hypertuning", "finetune-mend-pred", "finetune-prompt_tuning"):
         assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
-    # the curriculum: each MEND stage-1 phase starts from the previous phase's last checkpoint, on passages cut
-    # to its length (8 tokens: D = 4, y = 4) and at its batch size
-    info = [json.loads((tmp_path / "runs" / r / "best" / "train_info.json").read_text())["config"]
-            for r in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
-    assert [c["max_len"] for c in info] == [8, 1024, 1024] and [c["beta"] for c in info] == [0.5, 0.8, 0.8]
-    assert [c["batch_size"] for c in info] == [4, 8, r.stage1_batch_size]
-    assert info[0]["init"] == "" and info[1]["init"].endswith("pretrain-mend-warmup1/last")
-    assert info[2]["init"].endswith("pretrain-mend-warmup2/last")
+    # the curriculum: each MEND stage-1 phase runs on passages cut to its length (8 tokens: D = 4, y = 4) and at its
+    # batch size, twice (stage1_restarts: seeds 0 and 1, from the same init); the next phase starts from the last
+    # checkpoint of the try with the lower end-of-phase L_distill
+    info = lambda run: json.loads((tmp_path / "runs" / run / "best" / "train_info.json").read_text())["config"]
+    phases = [info(run) for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
+    assert [c["max_len"] for c in phases] == [8, 1024, 1024] and [c["beta"] for c in phases] == [0.5, 0.8, 0.8]
+    assert [c["batch_size"] for c in phases] == [4, 8, r.stage1_batch_size]
+    init = ""
+    for i, following in ((1, "pretrain-mend-warmup2"), (2, "pretrain-mend")):
+        tries = [f"pretrain-mend-warmup{i}", f"pretrain-mend-warmup{i}-try2"]
+        assert [info(t)["seed"] for t in tries] == [0, 1] and [info(t)["init"] for t in tries] == [init, init]
+        ends = [[json.loads(line)["distill"] for line in open(tmp_path / "runs" / t / "log.jsonl")][-1] for t in tries]
+        init = str(tmp_path / "runs" / tries[ends.index(min(ends))] / "last")
+        assert info(following)["init"] == init, (i, ends)
+    assert info("pretrain-mend")["seed"] == 0
     assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
 
 
@@ -196,6 +203,8 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
                                          r"\(max_len, beta, steps, batch_size\)$"):
         world.RunConfig(stage1_warmup=((8, 0.5, 1000),))
     assert world.RunConfig(stage1_warmup=[[8, 0.5, 1000, 64]]).stage1_warmup == [[8, 0.5, 1000, 64]]
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_restarts=0: expected >= 1$"):
+        world.RunConfig(stage1_restarts=0)
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
@@ -241,3 +250,24 @@ def test_quick_world_learns_in_context(tmp_path):
         s1 = [json.loads(line) for line in open(tmp_path / "runs" / run / "log.jsonl")]
         distill = [r["distill"] for r in s1 if "distill" in r]
         assert distill[-1] < 0.7 * distill[0], (run, distill)
+
+
+def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeypatch, capsys, tmp_path):
+    """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` sets those RunConfig fields (the rest stays the
+    default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
+    seen = {}
+    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, run_cfg: seen.update(
+        out=out, quick=quick, threads=threads, run_cfg=run_cfg))
+    world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100"])
+    r = seen["run_cfg"]
+    assert (r.l, r.stage1_restarts, r.llm["steps"]) == (8, 2, 100) and r.llm["batch_size"] == 32
+    assert (r.stage1_steps, seen["quick"], seen["threads"]) == (world.RunConfig().stage1_steps, False, 2)
+    world.main(["--out", str(tmp_path), "--quick"])
+    assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
+    for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5")):
+        seen.clear()
+        with pytest.raises(SystemExit) as e:
+            world.main(["--out", str(tmp_path), flag, value])
+        assert e.value.code == 2 and seen == {}
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"world.py: error: argument {flag}: expected an integer >= 1, got {value}"
