@@ -150,18 +150,18 @@ class MEND(nn.Module):
         P = self.placeholders.to(E.dtype)                                          # (l, d_s)
         packed = _pack(E, demo_mask)[0] if Td > 0 else E                         # (B, max n, d_s)
         n = demo_mask.to(torch.long).sum(1)                                        # (B,) real demo tokens
-        T = packed.size(1) + l
+        Tp = packed.size(1)
+        T = Tp + l
         t = torch.arange(T, device=dev)[None, :]                                   # (1, T)
         slot = t - n[:, None]                                                      # (B, T) placeholder index
-        is_ph = (slot >= 0) & (slot < l)
-        x = torch.cat([packed, packed.new_zeros(B, l, packed.size(-1))], 1)       # (B, T, d_s)
-        # placeholder j goes to position n + j of its row as a one-hot matmul (exact: one nonzero term per output):
-        # its backward is a plain matmul, where indexing P[slot] would accumulate P's gradient with index_put_, whose
-        # summation order varies from run to run on 2+ CPU threads and on CUDA (training not bit-reproducible)
-        onehot = (slot[..., None] == torch.arange(l, device=dev)).to(P.dtype)    # (B, T, l)
-        with torch.autocast(dev.type, enabled=False):
-            ph = onehot @ P                                                        # (B, T, d_s)
-        x = torch.where(is_ph[..., None], ph, x)                                   # concat(E_D, E_phi) per row
+        # concat(E_D, E_phi) per row: append the l placeholders after the packed columns, then move them to
+        # positions n..n+l-1 of each row with one gather whose index is a permutation of the T columns (the padding
+        # goes after them). Its backward writes each gradient once, so P's gradient is a plain sum over the batch:
+        # indexing P[slot] instead accumulated it with index_put_, whose summation order varied from run to run on
+        # 2 CPU threads (training was not bit-reproducible)
+        full = torch.cat([packed, P[None].expand(B, l, packed.size(-1))], 1)      # (B, T, d_s)
+        src = torch.where(slot < 0, t, torch.where(slot < l, Tp + slot, t - l))   # (B, T) a permutation per row
+        x = full.gather(1, src[..., None].expand(B, T, full.size(-1)))            # (B, T, d_s)
         mask = (t < (n + l)[:, None]).to(torch.long)                               # (B, T)
         if self.distiller.is_encoder_decoder:
             h = self.distiller.encode(inputs_embeds=x, attention_mask=mask)        # bidirectional T5 encoder

@@ -523,23 +523,25 @@ class RunConfig:
     distiller: dict = None
     l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
-    # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size), each one train.py run
+    # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size; lr), each one train.py run
     # initialized from the previous run's last checkpoint with a fresh LR schedule, then the final whole-passage
     # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token then
     # 16-token passages (D = 2, then 4 demonstrations; the LLM continues with as many) the distiller first learns to
     # carry a few demonstrations in its l slots in a form the LLM reads; whole passages from the start left MEND
     # near chance (README, the tiny world). Every phase runs at batch 64: at batch 16 the short phases needed 1,000 +
     # 1,000 steps, and a batch-16 final phase reached the binding on one LLM training and stayed at chance (dev 20-25
-    # for 3,000 steps) on another that differed only in float rounding (2 threads instead of 1); at batch 64 every
-    # run measured binds within 500 whole-passage steps (MEND stage 1 60-74; best dev at 1,000-1,500 steps)
-    stage1_warmup: tuple = ((8, 0.5, 500, 64), (16, 0.5, 500, 64))
+    # for 3,000 steps) on another that differed only in float rounding (2 threads instead of 1); at batch 64 the
+    # runs that bind do so within 500 whole-passage steps (best dev at 500-1,000 steps, hence stage1_steps)
+    # The first phase runs at lr 4e-3: at 2e-3 it ended either near 0.03 (the slots copy D) or stuck at 0.16-0.19,
+    # 7 tries in 17 near 0.03 (all 3 tries of one full run stuck, which left MEND at chance); at 4e-3, 5 in 6
+    stage1_warmup: tuple = ((8, 0.5, 500, 64, 4e-3), (16, 0.5, 500, 64, 2e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
-    # and the try with the lowest end-of-phase L_distill goes on: where the second phase ends predicts where the
-    # final phase lands (L_distill 0.15-0.18 -> dev 63-65, 0.20-0.24 -> 51-52, 0.35-0.42 -> 17-38; README)
+    # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance, and
+    # where the second phase ends correlated with where the final phase lands (not always; README)
     stage1_restarts: int = 3
     stage1_steps: int = 1000
     stage1_batch_size: int = 64
-    stage1_lr: float = 2e-3
+    stage1_lr: float = 2e-3          # the final phase and HyperTuning's clm phase
     clm_steps: int = 250             # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr
     stage2_steps: int = 300          # train.py --stage finetune (finetune / pred / prompt_tuning)
     batch_size: int = 8              # stage 2
@@ -554,9 +556,9 @@ class RunConfig:
         if self.stage1_restarts < 1:
             raise ValueError(f"world.py: RunConfig.stage1_restarts={self.stage1_restarts}: expected >= 1")
         for ph in self.stage1_warmup:
-            if len(ph) != 4:
+            if len(ph) != 5:
                 raise ValueError(f"world.py: RunConfig.stage1_warmup entry {tuple(ph)!r}: expected (max_len, beta, "
-                                 f"steps, batch_size)")
+                                 f"steps, batch_size, lr)")
 
     @classmethod
     def quick(cls) -> "RunConfig":
@@ -623,26 +625,27 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
               "--split", SETTING, "--l", str(rcfg.l), "--save_every", "100000", "--log_every", "100",
               "--seed", str(seed), "--overwrite"]
-    stage1 = ["--stage", "pretrain", "--c4", *shards, "--lr", str(rcfg.stage1_lr)]
+    stage1 = ["--stage", "pretrain", "--c4", *shards]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
-    for i, (max_len, beta, steps, batch) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
+    for i, (max_len, beta, steps, batch, lr) in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
         tries = []
         for r in range(rcfg.stage1_restarts):  # the lowest end-of-phase L_distill goes on (RunConfig)
             out_i = runs / (f"pretrain-mend-warmup{i + 1}" + (f"-try{r + 1}" if r else ""))
-            res = train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--batch_size",
-                              str(batch), "--eval_every", "0", "--max_steps", str(steps), "--out", str(out_i), *init,
-                              *common, "--seed", str(seed + r)])
+            res = train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--lr", str(lr),
+                              "--batch_size", str(batch), "--eval_every", "0", "--max_steps", str(steps), "--out",
+                              str(out_i), *init, *common, "--seed", str(seed + r)])
             tries.append((res["log"][-1]["distill"], r, out_i))
         best = min(tries)
         log(f"[world.py] stage-1 warm-up {i + 1}: end-of-phase L_distill " +
             ", ".join(f"{d:.3f} (seed {seed + r})" for d, r, _ in tries) + f"; going on from {best[2].name}")
         init = ["--init", str(best[2] / "last")]
     for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
-        train.main([*stage1, "--objective", obj, *whole, "--batch_size", str(rcfg.stage1_batch_size),
-                    "--eval_every", str(min(rcfg.stage1_eval_every, steps)), "--max_steps", str(steps),
-                    "--out", str(runs / f"pretrain-{name}"), *(init if obj == "distill" else []), *common])
+        train.main([*stage1, "--objective", obj, *whole, "--lr", str(rcfg.stage1_lr), "--batch_size",
+                    str(rcfg.stage1_batch_size), "--eval_every", str(min(rcfg.stage1_eval_every, steps)),
+                    "--max_steps", str(steps), "--out", str(runs / f"pretrain-{name}"),
+                    *(init if obj == "distill" else []), *common])
     phase("stage1")
     stage2 = {"mend": ["--objective", "finetune", "--init", str(runs / "pretrain-mend" / "best")],
               "hypertuning": ["--objective", "pred", "--init", str(runs / "pretrain-hypertuning" / "best")],

@@ -162,8 +162,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
-                        l=2, stage1_warmup=((8, 0.5, 2, 4), (0, 0.8, 2, 8)), stage1_restarts=2, stage1_steps=3,
-                        clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
+                        l=2, stage1_warmup=((8, 0.5, 2, 4, 4e-3), (0, 0.8, 2, 8, 3e-3)), stage1_restarts=2,
+                        stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     dist = model.load_config(tmp_path / "distiller")
@@ -186,6 +186,7 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     phases = [info(run) for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
     assert [c["max_len"] for c in phases] == [8, 1024, 1024] and [c["beta"] for c in phases] == [0.5, 0.8, 0.8]
     assert [c["batch_size"] for c in phases] == [4, 8, r.stage1_batch_size]
+    assert [c["lr"] for c in phases] == [4e-3, 3e-3, r.stage1_lr] == [4e-3, 3e-3, 2e-3]
     init = ""
     for i, following in ((1, "pretrain-mend-warmup2"), (2, "pretrain-mend")):
         tries = [f"pretrain-mend-warmup{i}", f"pretrain-mend-warmup{i}-try2"]
@@ -200,9 +201,12 @@ def test_pipeline_end_to_end_small(tmp_path, family):
 def test_run_config_rejects_a_curriculum_phase_without_batch_size():
     """stop 13's 3-value phases (max_len, beta, steps) fail when the config is built, naming the entry."""
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_warmup entry \(8, 0.5, 1000\): expected "
-                                         r"\(max_len, beta, steps, batch_size\)$"):
+                                         r"\(max_len, beta, steps, batch_size, lr\)$"):
         world.RunConfig(stage1_warmup=((8, 0.5, 1000),))
-    assert world.RunConfig(stage1_warmup=[[8, 0.5, 1000, 64]]).stage1_warmup == [[8, 0.5, 1000, 64]]
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_warmup entry \(8, 0.5, 500, 64\): expected "
+                                         r"\(max_len, beta, steps, batch_size, lr\)$"):
+        world.RunConfig(stage1_warmup=((8, 0.5, 500, 64),))
+    assert world.RunConfig(stage1_warmup=[[8, 0.5, 500, 64, 4e-3]]).stage1_warmup == [[8, 0.5, 500, 64, 4e-3]]
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_restarts=0: expected >= 1$"):
         world.RunConfig(stage1_restarts=0)
 
