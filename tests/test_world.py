@@ -235,10 +235,10 @@ def test_quick_world_learns_in_context(tmp_path):
     """Issue 9's CI guard: `python world.py --quick` (the CI-sized world and run, on both cores of the CI machine
     as `python world.py` runs by default: ~5 min on this project's 2-core VM) trains a tiny LLM that really learns
     in context on 24 held-out tasks, and MEND, trained through train.py's two stages with the short-to-long
-    curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured: ICL 74.3, MEND 59.9,
+    curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured: ICL 74.3, MEND 59.2,
     zero-shot 37.5, chance 34.7). Zero-shot sits within 5 points of chance (item 4) and MEND's stage-1 L_distill
-    falls within the first and the final curriculum phase (measured 0.67 -> 0.12 on 8-token passages, 0.52 -> 0.32
-    on whole passages)."""
+    falls within the first and the final curriculum phase (measured 0.60 -> 0.067 on 8-token passages, 0.84 -> 0.41
+    on whole passages). Bit for bit the same on one machine; another CPU may take another trajectory (README)."""
     threads = torch.get_num_threads()
     try:  # two intra-op threads: the suite's other tests run on one (conftest), this one has the machine to itself
         res = world.run_pipeline(tmp_path, quick=True, threads=2, log=lambda *a: None)
@@ -247,7 +247,7 @@ def test_quick_world_learns_in_context(tmp_path):
     m = res["methods"]
     print("quick world:", {k: round(v, 1) for k, v in m.items()}, "chance", round(res["chance"], 1))
     assert m["icl"] >= m["zero_shot"] + 10, m
-    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +22.4
+    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +21.7
     assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
     assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured +2.8)
     for run in ("pretrain-mend-warmup1", "pretrain-mend"):
