@@ -25,7 +25,7 @@ Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench
 what generate_world writes. The world is byte-deterministic by --seed (string-seeded random.Random per file, gzip
 mtime 0) and every training run is seeded (torch.manual_seed, train.py --seed): on one machine and thread count a
 run repeats bit for bit. Stage 1 lands very differently from one train.py seed to another, hence the restarts
-(README, "How much of that is the run").
+(README, the tiny world, "Where a run lands").
 """
 import argparse
 import gzip
@@ -562,7 +562,8 @@ class RunConfig:
 
     @classmethod
     def quick(cls) -> "RunConfig":
-        """The CI-sized run: a 2,000-step LLM, the same short phases, then 400 whole-passage steps."""
+        """The CI-sized run: a 2,000-step LLM, the same short phases with one try each, then 400 whole-passage
+        steps."""
         return cls(llm=dict(steps=2000, batch_size=32), stage1_restarts=1, stage1_steps=400, clm_steps=100,
                    stage2_steps=100, stage1_eval_every=200, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
 
