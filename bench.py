@@ -691,6 +691,7 @@ def main(argv=None):
              "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    model.use_shape_agnostic_attention(device)  # as train.py and eval.py run: bench times what they run
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench.py: preset {args.preset} on {where}, {str(dtype).replace('torch.', '')}, l={args.l}, "

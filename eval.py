@@ -467,6 +467,7 @@ def main(argv=None) -> dict:
     for m, why in skipped.items():
         print(f"[eval] skipping {m}: {why}")
 
+    model.use_shape_agnostic_attention(device)  # every task and query batch has its own length
     llm = model.from_pretrained(cfg.llm, dtype=dtype, device=device).eval()
     tokenizer = model.load_tokenizer(cfg.llm)
     for m in list(modules):

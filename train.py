@@ -215,6 +215,7 @@ def setup_distributed(cfg: TrainConfig):
         if not torch.cuda.is_available():
             _fail(f"--device {device}: expected a visible CUDA device (none found); use --device cpu")
         torch.cuda.set_device(torch.device(device))
+        model.use_shape_agnostic_attention(device)  # episodes change length every step
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)

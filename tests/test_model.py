@@ -105,6 +105,20 @@ def test_gpt2_logits_match_transformers(tmp_path, layout):
         assert out.hidden_states.shape == (2, 12, 32) and out.past_key_values is None
 
 
+def test_shape_agnostic_attention_turns_off_cudnn_sdpa_on_cuda_only():
+    """train/eval/bench call it for their device: on CUDA the cuDNN SDPA backend goes off (it re-plans for every
+    new sequence length), elsewhere nothing changes. Only a backend flag: no GPU needed to check it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        model.use_shape_agnostic_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        model.use_shape_agnostic_attention(torch.device("cuda", 0))
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_gpt2_left_padding_and_holes_equal_unpadded_rows(gpt2_pair):
     ref, ours, _ = gpt2_pair
     holed, hmask, got = check_left_padding_and_holes(ours, ref, [ids_batch(1, n, seed=n)[0] for n in (12, 7, 3)], TOL)
