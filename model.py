@@ -124,8 +124,9 @@ def use_shape_agnostic_attention(device) -> None:
     H200 (torch 2.11, bf16) each forward call cost 1.9 ms and each backward 2.5 ms of host time, which made a
     gpt2 -> gpt2-large pretraining step 433 ms instead of 120 ms at one repeated shape (README, "Measured on a GPU").
     train.py, eval.py and bench.py call this once for their device; a no-op elsewhere."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    off = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # absent in torch builds without that backend
+    if torch.device(device).type == "cuda" and off is not None:
+        off(False)
 
 
 @dataclass
