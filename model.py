@@ -121,8 +121,8 @@ def use_shape_agnostic_attention(device) -> None:
     """On CUDA, switch off PyTorch's cuDNN SDPA backend (flash / memory-efficient attention take over).
 
     cuDNN builds an execution plan for every new (B, T) it sees, and MEND's episodes change length every step: on an
-    H200 (torch 2.11, bf16) each forward call cost 1.9 ms and each backward 2.5 ms of host time, which made a
-    gpt2 -> gpt2-large pretraining step 433 ms instead of 120 ms at one repeated shape (README, "Measured on a GPU").
+    H200 (torch 2.11, bf16) each forward call cost 1.9 ms and each backward 2.5 ms of host time: a gpt2 -> gpt2-large
+    pretraining step took 442 ms with it and 103 ms without (README, "On a GPU").
     train.py, eval.py and bench.py call this once for their device; a no-op elsewhere."""
     off = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # absent in torch builds without that backend
     if torch.device(device).type == "cuda" and off is not None:
