@@ -163,6 +163,7 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
                         l=2, stage1_warmup=((8, 0.5, 2, 4, 4e-3), (0, 0.8, 2, 8, 3e-3)), stage1_restarts=2,
+                        stage1_fallback=(8, 0.5, 3, 4, 5e-3), stage1_plateau=0.0 if family == "gpt2" else 100.0,
                         stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
@@ -181,16 +182,23 @@ def test_pipeline_end_to_end_small(tmp_path, family):
         assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
     # the curriculum: each MEND stage-1 phase runs on passages cut to its length (8 tokens: D = 4, y = 4) and at its
     # batch size, twice (stage1_restarts: seeds 0 and 1, from the same init); the next phase starts from the last
-    # checkpoint of the try with the lower end-of-phase L_distill
+    # checkpoint of the try with the lower end-of-phase L_distill. The first phase's fallback runs only when every
+    # try ended above stage1_plateau: always for gpt2 here (plateau 0), never for the others (plateau 100)
     info = lambda run: json.loads((tmp_path / "runs" / run / "best" / "train_info.json").read_text())["config"]
     phases = [info(run) for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
     assert [c["max_len"] for c in phases] == [8, 1024, 1024] and [c["beta"] for c in phases] == [0.5, 0.8, 0.8]
     assert [c["batch_size"] for c in phases] == [4, 8, r.stage1_batch_size]
     assert [c["lr"] for c in phases] == [4e-3, 3e-3, r.stage1_lr] == [4e-3, 3e-3, 2e-3]
     init = ""
+    fallback = tmp_path / "runs" / "pretrain-mend-warmup1-fallback"
+    assert fallback.is_dir() == (family == "gpt2")
+    if family == "gpt2":
+        c = info("pretrain-mend-warmup1-fallback")
+        assert (c["max_len"], c["batch_size"], c["max_steps"], c["lr"], c["seed"]) == (8, 4, 3, 5e-3, 0)
     for i, following in ((1, "pretrain-mend-warmup2"), (2, "pretrain-mend")):
         tries = [f"pretrain-mend-warmup{i}", f"pretrain-mend-warmup{i}-try2"]
         assert [info(t)["seed"] for t in tries] == [0, 1] and [info(t)["init"] for t in tries] == [init, init]
+        tries += ["pretrain-mend-warmup1-fallback"] if i == 1 and family == "gpt2" else []
         ends = [[json.loads(line)["distill"] for line in open(tmp_path / "runs" / t / "log.jsonl")][-1] for t in tries]
         init = str(tmp_path / "runs" / tries[ends.index(min(ends))] / "last")
         assert info(following)["init"] == init, (i, ends)
