@@ -560,18 +560,20 @@ class RunConfig:
     def __post_init__(self):
         if self.stage1_restarts < 1:
             raise ValueError(f"world.py: RunConfig.stage1_restarts={self.stage1_restarts}: expected >= 1")
-        for ph in (*self.stage1_warmup, *([self.stage1_fallback] if self.stage1_fallback else [])):
+        phases = [("stage1_warmup entry", ph) for ph in self.stage1_warmup]
+        for what, ph in phases + ([("stage1_fallback", self.stage1_fallback)] if self.stage1_fallback else []):
             if len(ph) != 5:
-                raise ValueError(f"world.py: RunConfig.stage1_warmup entry {tuple(ph)!r}: expected (max_len, beta, "
-                                 f"steps, batch_size, lr)")
+                raise ValueError(f"world.py: RunConfig.{what} {tuple(ph)!r}: expected (max_len, beta, steps, "
+                                 f"batch_size, lr)")
 
     @classmethod
     def quick(cls) -> "RunConfig":
         """The CI-sized run: a 2,000-step LLM, the short phases with one try each (the first at lr 4e-3, which
         leaves the plateau more often), then 400 whole-passage steps."""
-        return cls(llm=dict(steps=2000, batch_size=32), stage1_warmup=((8, 0.5, 500, 64, 4e-3), (16, 0.5, 500, 64, 2e-3)),
-                   stage1_restarts=1, stage1_fallback=None, stage1_steps=400, clm_steps=100,
-                   stage2_steps=100, stage1_eval_every=200, stage2_eval_every=25, k_sweep=(1, 16), bench=False)
+        return cls(llm=dict(steps=2000, batch_size=32),
+                   stage1_warmup=((8, 0.5, 500, 64, 4e-3), (16, 0.5, 500, 64, 2e-3)), stage1_restarts=1,
+                   stage1_fallback=None, stage1_steps=400, clm_steps=100, stage2_steps=100, stage1_eval_every=200,
+                   stage2_eval_every=25, k_sweep=(1, 16), bench=False)
 
 
 def _accuracy(result: dict, method: str) -> float:
@@ -635,6 +637,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     stage1 = ["--stage", "pretrain", "--c4", *shards]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
+
     def warmup_try(phase_cfg, out_i, seed_i):  # one train.py run of a warm-up phase -> (end L_distill, out dir)
         max_len, beta, steps, batch, lr = phase_cfg
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole

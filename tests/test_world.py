@@ -215,6 +215,10 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
                                          r"\(max_len, beta, steps, batch_size, lr\)$"):
         world.RunConfig(stage1_warmup=((8, 0.5, 500, 64),))
     assert world.RunConfig(stage1_warmup=[[8, 0.5, 500, 64, 4e-3]]).stage1_warmup == [[8, 0.5, 500, 64, 4e-3]]
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_fallback \(8, 0.5, 500\): expected "
+                                         r"\(max_len, beta, steps, batch_size, lr\)$"):
+        world.RunConfig(stage1_fallback=(8, 0.5, 500))
+    assert world.RunConfig(stage1_fallback=None).stage1_fallback is None
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_restarts=0: expected >= 1$"):
         world.RunConfig(stage1_restarts=0)
 
