@@ -638,7 +638,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
     init = []
 
-    def warmup_try(phase_cfg, out_i, seed_i):  # one train.py run of a warm-up phase -> (end L_distill, out dir)
+    def warmup_try(phase_cfg, out_i, seed_i, init):  # one train.py run of a warm-up phase -> (end L_distill, dir)
         max_len, beta, steps, batch, lr = phase_cfg
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
         res = train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--lr", str(lr),
@@ -648,10 +648,10 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
     for i, phase_cfg in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
         name = f"pretrain-mend-warmup{i + 1}"
-        tries = [warmup_try(phase_cfg, runs / (name + (f"-try{r + 1}" if r else "")), seed + r)
+        tries = [warmup_try(phase_cfg, runs / (name + (f"-try{r + 1}" if r else "")), seed + r, init)
                  for r in range(rcfg.stage1_restarts)]  # the lowest end-of-phase L_distill goes on (RunConfig)
         if i == 0 and rcfg.stage1_fallback and min(tries)[0] > rcfg.stage1_plateau:  # every try stuck
-            tries.append(warmup_try(rcfg.stage1_fallback, runs / f"{name}-fallback", seed))
+            tries.append(warmup_try(rcfg.stage1_fallback, runs / f"{name}-fallback", seed, init))
         best = min(tries)
         log(f"[world.py] stage-1 warm-up {i + 1}: end-of-phase L_distill " +
             ", ".join(f"{d:.3f} ({o.name})" for d, o in tries) + f"; going on from {best[1].name}")
