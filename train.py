@@ -4,8 +4,9 @@ hand-written loop (no Trainer, no accelerate).
   stage pretrain  (meta-distillation pretraining): C4 passages, D = first int(beta*n) tokens, the LLM reads the rest;
                   objective distill (L_distill, Eq. 3; the paper), clm (HyperTuning's conditional LM), clm+distill.
   stage finetune  (meta-distillation finetuning): MetaICL meta-train episodes of --split (K demonstrations + (x, y));
-                  objective finetune (L_pred + lam * L_distill, Eq. 4; the paper) or pred (L_pred only: the
-                  no-L_distill ablation, HyperTuning's finetuning and PromptTuning's default).
+                  objective finetune (L_pred + lam * L_distill, Eq. 4; the paper), pred (L_pred only: the
+                  no-L_distill ablation, HyperTuning's finetuning and PromptTuning's default) or distill
+                  (L_distill only: the no-L_pred ablation of Table 4).
   --method mend | prompt_tuning (l vectors in LLM space, ignoring D; the PromptTuning baseline, finetune only).
 
 Top to bottom: TrainConfig (the paper's defaults, Table 5 / Appendix A) and argparse; user-error checks (one line,
@@ -41,7 +42,7 @@ import mend
 import model
 
 STAGES = ("pretrain", "finetune")
-OBJECTIVES = {"pretrain": ("distill", "clm", "clm+distill"), "finetune": ("finetune", "pred")}
+OBJECTIVES = {"pretrain": ("distill", "clm", "clm+distill"), "finetune": ("finetune", "pred", "distill")}
 METHODS = ("mend", "prompt_tuning")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("linear", "constant", "cosine")
@@ -106,14 +107,18 @@ class TrainConfig:
         """The method a run trains, for its default folder and eval.py's defaults:
         prompt_tuning | mend (distill pretraining, finetune objective) | hypertuning (clm pretraining, and pred
         finetuning of a clm-pretrained --init) | mend-clm_distill (the CLM + gamma*L_distill ablation) |
-        mend-pred (pred finetuning of anything else: the "MEND without L_distill" ablation of Table 4)."""
+        mend-pred (pred finetuning of anything else: the "MEND without L_distill" ablation of Table 4) |
+        mend-distill (distill finetuning: "MEND without L_pred") | mend-clm (finetune objective from a
+        clm-pretrained --init: Table 4's "CLM" pretraining row)."""
         if self.method == "prompt_tuning":
             return "prompt_tuning"
         if self.stage == "pretrain":
             return {"distill": "mend", "clm": "hypertuning"}.get(self.objective, "mend-clm_distill")
         if self.objective == "pred":
             return "hypertuning" if _init_objective(self.init) == "clm" else "mend-pred"
-        return "mend"
+        if self.objective == "distill":
+            return "mend-distill"
+        return "mend-clm" if _init_objective(self.init) == "clm" else "mend"
 
 
 def _init_objective(init: str) -> str:
@@ -133,7 +138,7 @@ def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description="MEND training: meta-distillation pretraining (C4) and finetuning "
                                             "(MetaICL), plus the PromptTuning and HyperTuning baselines")
     help_ = {"stage": "pretrain | finetune", "split": "setting (e.g. HR_to_LR, class_to_class, a config/<name>.json)",
-             "objective": "pretrain: distill|clm|clm+distill; finetune: finetune|pred",
+             "objective": "pretrain: distill|clm|clm+distill; finetune: finetune|pred|distill",
              "init": "pretrain checkpoint folder for finetuning", "c4": "C4 shards or hub:allenai/c4",
              "out": "run folder", "precision": "auto|fp32|bf16|fp16 (autocast)", "llm_dtype": "fp32|bf16|fp16"}
     for f in fields(TrainConfig):

@@ -11,16 +11,16 @@ It holds, top to bottom:
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
      small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
      build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
-     model.from_pretrained loads it back like a hub model. The distiller starts as a copy of it (RunConfig:
-     or a separate LM of the family trained the same way).
+     model.from_pretrained loads it back like a hub model. The distiller starts as a copy of it with two more,
+     identity-initialized blocks on top (deepen; RunConfig: or a separate LM of the family trained the same way).
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
      probe ICL during LM pretraining (eval.py does the real evaluation).
   4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
      train.py stage 1 (distill, as a short-to-long curriculum over passage length, each warm-up phase tried with
      a few seeds and the lowest L_distill kept, plus a fallback when every first-phase try stays stuck; clm for
-     HyperTuning) ->
-     stage 2 (finetune; pred for HyperTuning and the no-L_distill ablation; PromptTuning) -> eval.py (5 methods,
-     ablation, K sweep) -> bench.py -> DIR/results.json.
+     HyperTuning, optionally through the same curriculum) ->
+     stage 2 (finetune; pred for HyperTuning; PromptTuning; the rows of the paper's Table 4) -> eval.py (5
+     methods, Table 4, K sweep) -> bench.py -> DIR/results.json.
 
 Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench.py in run_pipeline; data.py reads
 what generate_world writes. The world is byte-deterministic by --seed (string-seeded random.Random per file, gzip
@@ -347,6 +347,39 @@ def lm_model_config(cfg: LMConfig, vocab_size: int) -> dict:
     raise ValueError(f"world.py: --family must be one of {FAMILIES}, got {cfg.family!r}")
 
 
+# each family's stack of pre-LN residual blocks (T5: the encoder, the part MEND's distiller uses): the config key of
+# its depth, the state-dict prefix of its blocks, and the output projections that make a block the identity at zero
+_STACKS = {"gpt2": ("n_layer", "transformer.h.", ("attn.c_proj.", "mlp.c_proj.")),
+           "opt": ("num_hidden_layers", "model.decoder.layers.", ("self_attn.out_proj.", "fc2.")),
+           "llama": ("num_hidden_layers", "model.layers.", ("self_attn.o_proj.", "mlp.down_proj.")),
+           "t5": ("num_layers", "encoder.block.", ("SelfAttention.o.", "DenseReluDense.wo."))}
+
+
+def deepen(lm, extra: int):
+    """A copy of `lm` with `extra` more blocks on top of its stack, each a copy of one of its last blocks with the
+    output projections zeroed: the new blocks start as the identity, so the copy computes exactly what `lm` does and
+    training gives them room to re-encode what the old ones retrieve (RunConfig.distiller_extra_layers)."""
+    import torch
+
+    import model
+
+    cfg = lm.config.to_dict()
+    key, prefix, zeroed = _STACKS[cfg["model_type"]]
+    n = cfg[key]
+    deeper = model.build_model(dict(cfg, **{key: n + extra}))
+    old, new = lm.state_dict(), {}
+    for name, t in deeper.state_dict().items():
+        if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) >= n:  # a new block i: copy a block
+            i, rest = name[len(prefix):].split(".", 1)                             # from the last min(extra, n)
+            src = f"{prefix}{n - min(extra, n) + (int(i) - n) % min(extra, n)}.{rest}"
+            t = torch.zeros_like(old[src]) if any(z in rest for z in zeroed) else old[src]
+        else:
+            t = old[name]
+        new[name] = t.clone()
+    deeper.load_state_dict(new)
+    return deeper
+
+
 def _pad(rows: list, pad_id: int = 0):
     """Right-pad lists of ids -> (ids (B,T) long, mask (B,T) long)."""
     import torch
@@ -522,6 +555,10 @@ class RunConfig:
     # for gpt2-large in the paper); a dict = a separate LM of the family trained from scratch with these sizes
     # (a d=64 one did not learn in context in 1,500 steps, and MEND with it stayed at chance)
     distiller: dict = None
+    # the copy gets this many more blocks on top (world.deepen: copies of its last blocks with zeroed output
+    # projections, so it starts as exactly the LLM): room to re-encode what its induction heads retrieve into the
+    # slots' layout. Measured on one LLM with the same stage 1: 2-layer copy MEND 71.9, 4-layer 76.8 (README)
+    distiller_extra_layers: int = 2
     l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
     # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size; lr), each one train.py run
@@ -539,8 +576,9 @@ class RunConfig:
     # 1,000 steps 4 seeds in 9 leave the plateau; at 4e-3 for 500 steps, 5 in 6: that is stage1_fallback
     stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
-    # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance
-    stage1_restarts: int = 3
+    # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int
+    # per phase (the last repeats), or one for all. The second phase runs once: its seeds moved MEND ~2 points
+    stage1_restarts: tuple = (3, 1)
     # when every try of the first phase ends above stage1_plateau (stuck), one more try with this phase (seed `seed`)
     stage1_fallback: tuple = (8, 0.5, 500, 64, 4e-3)
     stage1_plateau: float = 0.1
@@ -548,6 +586,10 @@ class RunConfig:
     stage1_batch_size: int = 64
     stage1_lr: float = 2e-3          # the final phase and HyperTuning's clm phase
     clm_steps: int = 250             # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr
+    # HyperTuning's CLM pretraining through the same curriculum as MEND's (its warm-up phases and tries, chosen by the
+    # lowest end-of-phase CLM loss, no fallback; then stage1_steps whole-passage steps instead of clm_steps): the
+    # like-for-like Table 4 "CLM" row and HyperTuning baseline; ~7 min more (21 in all), so off in the quick start
+    clm_curriculum: bool = False
     stage2_steps: int = 300          # train.py --stage finetune (finetune / pred / prompt_tuning)
     batch_size: int = 8              # stage 2
     lr: float = 3e-4                 # stage 2: short and gentle, as it overfits the 24 meta-train label words
@@ -558,22 +600,42 @@ class RunConfig:
     bench: bool = True
 
     def __post_init__(self):
-        if self.stage1_restarts < 1:
-            raise ValueError(f"world.py: RunConfig.stage1_restarts={self.stage1_restarts}: expected >= 1")
+        if self.distiller_extra_layers < 0:
+            raise ValueError(f"world.py: RunConfig.distiller_extra_layers={self.distiller_extra_layers}: expected >= 0")
+        tries = self.stage1_restarts
+        if isinstance(tries, int) and tries < 1:
+            raise ValueError(f"world.py: RunConfig.stage1_restarts={tries}: expected >= 1")
+        if not isinstance(tries, int) and (len(tries) == 0 or min(tries) < 1):
+            raise ValueError(f"world.py: RunConfig.stage1_restarts={tuple(tries)!r}: expected an int >= 1, or one "
+                             f"per warm-up phase (the last one repeats)")
         phases = [("stage1_warmup entry", ph) for ph in self.stage1_warmup]
         for what, ph in phases + ([("stage1_fallback", self.stage1_fallback)] if self.stage1_fallback else []):
             if len(ph) != 5:
                 raise ValueError(f"world.py: RunConfig.{what} {tuple(ph)!r}: expected (max_len, beta, steps, "
                                  f"batch_size, lr)")
 
+    def restarts(self, phase: int) -> int:
+        """train.py seeds tried in warm-up phase `phase` (0-based; past the tuple's end, its last entry)."""
+        tries = self.stage1_restarts
+        return tries if isinstance(tries, int) else tries[min(phase, len(tries) - 1)]
+
     @classmethod
     def quick(cls) -> "RunConfig":
         """The CI-sized run: a 2,000-step LLM, the short phases with one try each (the first at lr 4e-3, which
         leaves the plateau more often), then 400 whole-passage steps."""
-        return cls(llm=dict(steps=2000, batch_size=32),
+        return cls(llm=dict(steps=2000, batch_size=32), distiller_extra_layers=0,
                    stage1_warmup=((8, 0.5, 500, 64, 4e-3), (16, 0.5, 500, 64, 2e-3)), stage1_restarts=1,
                    stage1_fallback=None, stage1_steps=400, clm_steps=100, stage2_steps=100, stage1_eval_every=200,
                    stage2_eval_every=25, k_sweep=(1, 16), bench=False)
+
+
+# results.json "ablation" key, train.py run folder, eval folder: the rows of the paper's Table 4 (stage 2 of each
+# as MEND's; "pretraining: L_distill" is MEND itself) and MEND before stage 2
+TABLE4 = (("mend_without_L_distill", "finetune-mend-pred", "eval-mend-pred"),
+          ("mend_without_L_pred", "finetune-mend-distill", "eval-mend-distill"),
+          ("mend_clm_pretraining", "finetune-mend-clm", "eval-mend-clm"),
+          ("mend_no_pretraining", "finetune-mend-no_pretraining", "eval-mend-no_pretraining"),
+          ("mend_stage1_only", "pretrain-mend", "eval-mend-stage1"))
 
 
 def _accuracy(result: dict, method: str) -> float:
@@ -620,9 +682,11 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
     log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}")
     phase("llm")
-    if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (same files, own run folder)
-        model.save_pretrained(model.from_pretrained(out / "llm"), out / "distiller", tokenizer=tokenizer)
-        log(f"[world.py] distiller: a copy of the LLM ({family} d={lm_cfg.n_embd})")
+    if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (+ identity blocks), own folder
+        distiller = deepen(model.from_pretrained(out / "llm"), rcfg.distiller_extra_layers)
+        model.save_pretrained(distiller, out / "distiller", tokenizer=tokenizer)
+        log(f"[world.py] distiller: a copy of the LLM ({family} d={lm_cfg.n_embd}, {lm_cfg.n_layer} layers) + "
+            f"{rcfg.distiller_extra_layers} identity-initialized layers")
     else:
         d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads))
         r = pretrain_lm(wdir, out / "distiller", d_cfg, tokenizer=tokenizer, log=log)
@@ -636,36 +700,45 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
               "--seed", str(seed), "--overwrite"]
     stage1 = ["--stage", "pretrain", "--c4", *shards]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
-    init = []
 
-    def warmup_try(phase_cfg, out_i, seed_i, init):  # one train.py run of a warm-up phase -> (end L_distill, dir)
+    def warmup_try(objective, phase_cfg, out_i, seed_i, init):  # one run of a warm-up phase -> (end loss, dir)
         max_len, beta, steps, batch, lr = phase_cfg
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
-        res = train.main([*stage1, "--objective", "distill", *lengths, "--beta", str(beta), "--lr", str(lr),
+        res = train.main([*stage1, "--objective", objective, *lengths, "--beta", str(beta), "--lr", str(lr),
                           "--batch_size", str(batch), "--eval_every", "0", "--max_steps", str(steps), "--out",
                           str(out_i), *init, *common, "--seed", str(seed_i)])
-        return res["log"][-1]["distill"], out_i
+        return res["log"][-1][objective], out_i
 
-    for i, phase_cfg in enumerate(rcfg.stage1_warmup):  # MEND's curriculum (RunConfig)
-        name = f"pretrain-mend-warmup{i + 1}"
-        tries = [warmup_try(phase_cfg, runs / (name + (f"-try{r + 1}" if r else "")), seed + r, init)
-                 for r in range(rcfg.stage1_restarts)]  # the lowest end-of-phase L_distill goes on (RunConfig)
-        if i == 0 and rcfg.stage1_fallback and min(tries)[0] > rcfg.stage1_plateau:  # every try stuck
-            tries.append(warmup_try(rcfg.stage1_fallback, runs / f"{name}-fallback", seed, init))
-        best = min(tries)
-        log(f"[world.py] stage-1 warm-up {i + 1}: end-of-phase L_distill " +
-            ", ".join(f"{d:.3f} ({o.name})" for d, o in tries) + f"; going on from {best[1].name}")
-        init = ["--init", str(best[1] / "last")]
-    for obj, name, steps in (("distill", "mend", rcfg.stage1_steps), ("clm", "hypertuning", rcfg.clm_steps)):
+    def curriculum(objective, name):  # the warm-up phases (RunConfig) -> --init flags for the final phase
+        init = []
+        for i, phase_cfg in enumerate(rcfg.stage1_warmup):
+            run = f"pretrain-{name}-warmup{i + 1}"
+            tries = [warmup_try(objective, phase_cfg, runs / (run + (f"-try{r + 1}" if r else "")), seed + r, init)
+                     for r in range(rcfg.restarts(i))]  # the lowest end-of-phase loss goes on (RunConfig)
+            if objective == "distill" and i == 0 and rcfg.stage1_fallback and min(tries)[0] > rcfg.stage1_plateau:
+                tries.append(warmup_try(objective, rcfg.stage1_fallback, runs / f"{run}-fallback", seed, init))
+            best = min(tries)
+            log(f"[world.py] stage-1 {name} warm-up {i + 1}: end-of-phase {objective} loss " +
+                ", ".join(f"{d:.3f} ({o.name})" for d, o in tries) + f"; going on from {best[1].name}")
+            init = ["--init", str(best[1] / "last")]
+        return init
+
+    for obj, name in (("distill", "mend"), ("clm", "hypertuning")):  # HyperTuning: one phase unless clm_curriculum
+        init, steps = ((curriculum(obj, name), rcfg.stage1_steps) if obj == "distill" or rcfg.clm_curriculum
+                       else ([], rcfg.clm_steps))
         train.main([*stage1, "--objective", obj, *whole, "--lr", str(rcfg.stage1_lr), "--batch_size",
                     str(rcfg.stage1_batch_size), "--eval_every", str(min(rcfg.stage1_eval_every, steps)),
-                    "--max_steps", str(steps), "--out", str(runs / f"pretrain-{name}"),
-                    *(init if obj == "distill" else []), *common])
+                    "--max_steps", str(steps), "--out", str(runs / f"pretrain-{name}"), *init, *common])
     phase("stage1")
-    stage2 = {"mend": ["--objective", "finetune", "--init", str(runs / "pretrain-mend" / "best")],
-              "hypertuning": ["--objective", "pred", "--init", str(runs / "pretrain-hypertuning" / "best")],
-              "mend-pred": ["--objective", "pred", "--init", str(runs / "pretrain-mend" / "best")],
-              "prompt_tuning": ["--method", "prompt_tuning"]}
+    mend_init = ["--init", str(runs / "pretrain-mend" / "best")]
+    clm_init = ["--init", str(runs / "pretrain-hypertuning" / "best")]
+    stage2 = {"mend": ["--objective", "finetune", *mend_init],
+              "hypertuning": ["--objective", "pred", *clm_init],
+              "prompt_tuning": ["--method", "prompt_tuning"],
+              # Table 4's ablations: finetuning without L_distill / without L_pred; pretraining by CLM / none
+              "mend-pred": ["--objective", "pred", *mend_init], "mend-distill": ["--objective", "distill", *mend_init],
+              "mend-no_pretraining": ["--objective", "finetune"],
+              **({"mend-clm": ["--objective", "finetune", *clm_init]} if rcfg.clm_curriculum else {})}
     for name, flags in stage2.items():
         train.main(["--stage", "finetune", *flags, "--max_steps", str(rcfg.stage2_steps),
                     "--batch_size", str(rcfg.batch_size), "--lr", str(rcfg.lr),
@@ -680,12 +753,12 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     res = evaluate.main([*ev, "--methods", *main_methods, "--out", str(out / "eval")])
     methods = {m: _accuracy(res, m) for m in main_methods}
     macro_f1 = {m: res["methods"][m]["avg"] for m in main_methods}
-    abl = evaluate.main([*ev, "--mend", str(runs / "finetune-mend-pred" / "best"), "--methods", "mend",
-                         "--out", str(out / "eval-mend-pred")])
-    ablation = {"mend": methods["mend"], "mend_without_L_distill": _accuracy(abl, "mend")}
-    s1 = evaluate.main([*ev, "--mend", str(runs / "pretrain-mend" / "best"), "--methods", "mend",
-                        "--out", str(out / "eval-mend-stage1")])
-    ablation["mend_stage1_only"] = _accuracy(s1, "mend")  # the distill-pretrained module, before stage 2
+    ablation = {"mend": methods["mend"]}
+    for key, run, folder in TABLE4:  # Table 4, + the distill-pretrained module before stage 2
+        if key == "mend_clm_pretraining" and not rcfg.clm_curriculum:  # CLM without the curriculum: not like for
+            continue                                                    # like, so not trained (README)
+        r = evaluate.main([*ev, "--mend", str(runs / run / "best"), "--methods", "mend", "--out", str(out / folder)])
+        ablation[key] = _accuracy(r, "mend")
     k_sweep = {}
     for k in rcfg.k_sweep:
         if k == 16:
@@ -715,22 +788,30 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
 def result_table(r: dict) -> str:
     """The Table-2-shaped summary (accuracy, percent, mean over meta-test tasks and 5 seeds) + targets."""
-    m = r["methods"]
+    m, a = r["methods"], r["ablation"]
     names = [("zero_shot", "0-shot"), ("icl", "ICL"), ("prompt_tuning", "PromptTuning"),
              ("hypertuning", "HyperTuning"), ("mend", "MEND")]
     lines = [f"tiny world ({r['family']}, {r['n_test_tasks']} meta-test tasks x 5 seeds, accuracy %, chance "
              f"{r['chance']:.1f}, l={r['l']}, mean |D|={r['mean_demo_tokens']:.1f} tokens)", "",
              "| " + " | ".join(n for _, n in names) + " | MEND w/o L_distill |", "|" + "---|" * (len(names) + 1),
              "| " + " | ".join(f"{m[k]:.1f}" for k, _ in names) + f" | {r['ablation']['mend_without_L_distill']:.1f} |",
+             "", "Table 4 (accuracy %): pretraining (then MEND's finetuning): none {mend_no_pretraining:.1f}, CLM "
+             "{clm}, L_distill {mend:.1f}; finetuning (after L_distill pretraining): L_pred + L_distill {mend:.1f}, "
+             "w/o L_pred {mend_without_L_pred:.1f}, w/o L_distill {mend_without_L_distill:.1f}, none (stage 1 only) "
+             "{mend_stage1_only:.1f}".format(**a, clm=f"{a['mend_clm_pretraining']:.1f}" if "mend_clm_pretraining" in a
+                                             else "not run (--clm_curriculum)"),
              "", "K sweep (accuracy %): " + ", ".join(f"K={k}: ICL {v['icl']:.1f} MEND {v['mend']:.1f}"
                                                       for k, v in r["k_sweep"].items())]
     ks = sorted(r["k_sweep"], key=int)
     checks = [("zero-shot within 5 of chance", abs(m["zero_shot"] - r["chance"]) <= 5),
               ("ICL >= zero-shot + 20", m["icl"] >= m["zero_shot"] + 20),
               ("MEND >= ICL - 2 with l <= |D|/8", m["mend"] >= m["icl"] - 2 and r["l"] <= r["mean_demo_tokens"] / 8),
-              ("MEND w/o L_distill < MEND", r["ablation"]["mend_without_L_distill"] < m["mend"]),
+              ("MEND w/o L_distill in finetuning < MEND", r["ablation"]["mend_without_L_distill"] < m["mend"]),
+              ("CLM pretraining (w/o L_distill) < MEND", a["mend_clm_pretraining"] < m["mend"]
+               if "mend_clm_pretraining" in a else None),
               (f"MEND K={ks[0]} < K={ks[-1]}", r["k_sweep"][ks[0]]["mend"] < r["k_sweep"][ks[-1]]["mend"])]
-    lines += ["", "targets: " + "; ".join(f"{n}: {'met' if ok else 'MISSED'}" for n, ok in checks),
+    verdict = {True: "met", False: "MISSED", None: "not run (--clm_curriculum)"}
+    lines += ["", "targets: " + "; ".join(f"{n}: {verdict[ok]}" for n, ok in checks),
               f"timings (s): {r['seconds']} total {r['total_seconds']}"]
     return "\n".join(lines)
 
@@ -748,11 +829,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--l", type=int, default=None, help="distillation vectors (default: RunConfig, 4 = |D|/8)")
     ap.add_argument("--stage1_restarts", type=int, default=None,
-                    help="train.py seeds per stage-1 warm-up phase; the lowest L_distill goes on (default: RunConfig)")
+                    help="train.py seeds tried in every stage-1 warm-up phase; the lowest L_distill goes on "
+                         "(default: RunConfig, 3 in the first phase and 1 in the second)")
+    ap.add_argument("--distiller_extra_layers", type=int, default=None,
+                    help="identity-initialized blocks added to the distiller (a copy of the LLM); 0 = the plain copy "
+                         "(default: RunConfig, 2)")
+    ap.add_argument("--clm_curriculum", action="store_true",
+                    help="HyperTuning's CLM pretraining (also Table 4's CLM row) through MEND's stage-1 curriculum: "
+                         "the like-for-like comparison (~7 min more)")
     args = ap.parse_args(argv)
     for name in ("llm_steps", "l", "stage1_restarts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"argument --{name}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:
+        ap.error(f"argument --distiller_extra_layers: expected an integer >= 0, got {args.distiller_extra_layers}")
     rcfg = RunConfig.quick() if args.quick else RunConfig()
     if args.llm_steps:
         rcfg.llm = dict(rcfg.llm, steps=args.llm_steps)
@@ -760,6 +850,9 @@ def main(argv=None):
         rcfg.l = args.l
     if args.stage1_restarts:
         rcfg.stage1_restarts = args.stage1_restarts
+    if args.distiller_extra_layers is not None:
+        rcfg.distiller_extra_layers = args.distiller_extra_layers
+    rcfg.clm_curriculum = args.clm_curriculum
     return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, run_cfg=rcfg)
 
 

@@ -143,6 +143,11 @@ def test_baselines_and_default_run_folders(sharp_gpt2_dir, tiny_gpt2_distiller_d
     assert json.load(open(pre / "best" / "config.json"))["projection"] == "linear"  # --projection reaches MEND
     train.main(base + ["--stage", "finetune", "--objective", "pred", "--init", str(pre / "best"), "--max_steps", "5"])
     assert (Path("runs/finetune-hypertuning-tiny/best") / "config.json").is_file()
+    train.main(base + ["--stage", "finetune", "--init", str(pre / "best"), "--max_steps", "2"])  # Table 4's CLM row
+    assert set(json.loads(open("runs/finetune-mend-clm-tiny/log.jsonl").readline())) >= {"pred", "distill"}
+    train.main(base + ["--stage", "finetune", "--objective", "distill", "--max_steps", "2"])     # w/o L_pred
+    rec = json.loads(open("runs/finetune-mend-distill-tiny/log.jsonl").readline())
+    assert set(rec) >= {"distill", "loss"} and "pred" not in rec and rec["loss"] == rec["distill"]
     train.main(base + ["--stage", "finetune", "--method", "prompt_tuning", "--max_steps", "40"])
     pt = Path("runs/finetune-prompt_tuning-tiny")
     assert json.load(open(pt / "best" / "config.json"))["kind"] == "prompt_tuning"
@@ -166,6 +171,8 @@ def test_run_names_keep_ablations_apart_from_baselines(tmp_path):
     assert cfg(stage="finetune", objective="pred", init=str(clm)).run_name() == "hypertuning"
     assert cfg(stage="finetune", objective="pred", init=str(tmp_path / "distill-run")).run_name() == "mend-pred"
     assert cfg(stage="finetune", method="prompt_tuning", objective="pred").run_name() == "prompt_tuning"
+    assert cfg(stage="finetune", objective="distill").run_name() == "mend-distill"        # Table 4: w/o L_pred
+    assert cfg(stage="finetune", objective="finetune", init=str(clm)).run_name() == "mend-clm"  # Table 4: CLM row
 
 
 def test_single_gpu_device_gets_an_index(monkeypatch):

@@ -6,6 +6,7 @@ targets of issue 9 are measured by the full run, not asserted here (README, the 
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,36 @@ def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
+def test_deepen_adds_identity_blocks(family):
+    """The distiller's extra blocks (RunConfig.distiller_extra_layers): depth + 3, the same outputs as the original
+    (logits; T5: encoder states) on random weights, the new blocks' output projections zero and every other new
+    tensor a copy of one of the last blocks; the original is untouched."""
+    torch.manual_seed(0)
+    lm = model.build_model(world.lm_model_config(world.LMConfig(family=family, n_layer=2, n_embd=32, n_head=2), 100))
+    for p in lm.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    deep = world.deepen(lm, 3)
+    depth_key, prefix, zeroed = world._STACKS[family]
+    assert (deep.config.to_dict()[depth_key], lm.config.to_dict()[depth_key]) == (5, 2)
+    x = torch.randint(2, 100, (2, 7))
+    if family == "t5":
+        a, b = (m.encode(input_ids=x, attention_mask=torch.ones_like(x)) for m in (lm, deep))
+    else:
+        a, b = (m(x).logits for m in (lm, deep))
+    assert a.abs().max() > 0.5 and torch.equal(a, b)
+    new = {k: v for k, v in deep.state_dict().items() if k.startswith(prefix) and int(k[len(prefix):].split(".")[0]) >= 2}
+    assert {int(k[len(prefix):].split(".")[0]) for k in new} == {2, 3, 4}
+    for k, v in new.items():
+        i, rest = k[len(prefix):].split(".", 1)
+        if any(z in rest for z in zeroed):
+            assert not v.any(), k
+        else:
+            assert torch.equal(v, before[f"{prefix}{(int(i) - 2) % 2}.{rest}"]), k
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
 def test_pipeline_end_to_end_small(tmp_path, family):
     """`python world.py --out DIR --family F` in miniature, for every LM family: world -> tokenizer -> LLM +
     distiller -> train.py stage 1 (distill, clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill
@@ -164,27 +195,49 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
                         l=2, stage1_warmup=((8, 0.5, 2, 4, 4e-3), (0, 0.8, 2, 8, 3e-3)), stage1_restarts=2,
                         stage1_fallback=(8, 0.5, 3, 4, 5e-3), stage1_plateau=0.0 if family == "gpt2" else 100.0,
-                        stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True)
+                        stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True,
+                        clm_curriculum=family == "gpt2")
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     dist = model.load_config(tmp_path / "distiller")
-    assert dist == model.load_config(tmp_path / "llm") if family == "gpt2" else dist["model_type"] == family
+    if family == "gpt2":  # a copy of the LLM + RunConfig.distiller_extra_layers identity blocks (default 2)
+        llm_cfg = model.load_config(tmp_path / "llm")
+        assert dist == dict(llm_cfg, n_layer=llm_cfg["n_layer"] + 2) and r.distiller_extra_layers == 2
+    else:
+        assert dist["model_type"] == family
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["methods"] == pytest.approx(res["methods"])
     assert set(res["methods"]) == {"zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"}
     assert all(0 <= v <= 100 for v in res["methods"].values())
     assert 20 <= res["chance"] <= 50 and res["l"] == 2 and res["mean_demo_tokens"] == 32  # 16 x (item, label)
     assert set(res["k_sweep"]) == {"1", "16"}
-    assert {"mend", "mend_without_L_distill", "mend_stage1_only"} <= set(res["ablation"])
+    assert set(res["ablation"]) == {"mend", "mend_without_L_distill", "mend_without_L_pred", "mend_no_pretraining",
+                                    "mend_stage1_only"} | ({"mend_clm_pretraining"} if r.clm_curriculum else set())
+    assert all(0 <= v <= 100 for v in res["ablation"].values()) and res["ablation"]["mend"] == res["methods"]["mend"]
     assert set(res["seconds"]) == {"generate", "llm", "distiller", "stage1", "stage2", "eval", "bench"}
+    info = lambda run: json.loads((tmp_path / "runs" / run / "best" / "train_info.json").read_text())["config"]
     for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend", "pretrain-hypertuning",
-                "finetune-mend", "finetune-hypertuning", "finetune-mend-pred", "finetune-prompt_tuning"):
+                "finetune-mend", "finetune-hypertuning", "finetune-mend-pred", "finetune-prompt_tuning",
+                "finetune-mend-distill", "finetune-mend-no_pretraining"):
         assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
+    # Table 4's CLM row only where CLM pretraining went through the same curriculum (like for like)
+    assert (tmp_path / "runs" / "finetune-mend-clm").is_dir() == (tmp_path / "eval-mend-clm").is_dir() == r.clm_curriculum
+    # Table 4: each ablation trains what it says (objective, start) and eval.py scored that checkpoint
+    runs = ["finetune-mend", "finetune-mend-pred", "finetune-mend-distill", "finetune-mend-no_pretraining"]
+    stage2 = {run: info(run) for run in runs + (["finetune-mend-clm"] if r.clm_curriculum else [])}
+    assert {run: (c["objective"], Path(c["init"]).parent.name if c["init"] else "") for run, c in stage2.items()} == {
+        "finetune-mend": ("finetune", "pretrain-mend"), "finetune-mend-pred": ("pred", "pretrain-mend"),
+        "finetune-mend-distill": ("distill", "pretrain-mend"), "finetune-mend-no_pretraining": ("finetune", ""),
+        **({"finetune-mend-clm": ("finetune", "pretrain-hypertuning")} if r.clm_curriculum else {})}
+    for key, run, folder in world.TABLE4:
+        if key not in res["ablation"]:
+            continue
+        ev = json.loads((tmp_path / folder / "eval.json").read_text())
+        assert ev["config"]["mend"] == str(tmp_path / "runs" / run / "best"), key
     # the curriculum: each MEND stage-1 phase runs on passages cut to its length (8 tokens: D = 4, y = 4) and at its
     # batch size, twice (stage1_restarts: seeds 0 and 1, from the same init); the next phase starts from the last
     # checkpoint of the try with the lower end-of-phase L_distill. The first phase's fallback runs only when every
     # try ended above stage1_plateau: always for gpt2 here (plateau 0), never for the others (plateau 100)
-    info = lambda run: json.loads((tmp_path / "runs" / run / "best" / "train_info.json").read_text())["config"]
     phases = [info(run) for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend")]
     assert [c["max_len"] for c in phases] == [8, 1024, 1024] and [c["beta"] for c in phases] == [0.5, 0.8, 0.8]
     assert [c["batch_size"] for c in phases] == [4, 8, r.stage1_batch_size]
@@ -203,6 +256,24 @@ def test_pipeline_end_to_end_small(tmp_path, family):
         init = str(tmp_path / "runs" / tries[ends.index(min(ends))] / "last")
         assert info(following)["init"] == init, (i, ends)
     assert info("pretrain-mend")["seed"] == 0
+    # HyperTuning's CLM pretraining: through the same phases and tries (chosen on the CLM loss, no fallback) with
+    # clm_curriculum (gpt2 here), else one whole-passage phase of clm_steps
+    hyper = info("pretrain-hypertuning")
+    if family == "gpt2":
+        init = ""
+        for i, following in ((1, "pretrain-hypertuning-warmup2"), (2, "pretrain-hypertuning")):
+            tries = [f"pretrain-hypertuning-warmup{i}", f"pretrain-hypertuning-warmup{i}-try2"]
+            assert [(info(t)["objective"], info(t)["seed"], info(t)["init"]) for t in tries] == \
+                [("clm", 0, init), ("clm", 1, init)]
+            ends = [[json.loads(line)["clm"] for line in open(tmp_path / "runs" / t / "log.jsonl")][-1] for t in tries]
+            init = str(tmp_path / "runs" / tries[ends.index(min(ends))] / "last")
+            assert info(following)["init"] == init, (i, ends)
+        assert [info(f"pretrain-hypertuning-warmup{i}")["max_len"] for i in (1, 2)] == [8, 1024]
+        assert hyper["max_steps"] == r.stage1_steps
+        assert not (tmp_path / "runs" / "pretrain-hypertuning-warmup1-fallback").exists()
+    else:
+        assert (hyper["init"], hyper["max_steps"]) == ("", r.clm_steps)
+        assert not (tmp_path / "runs" / "pretrain-hypertuning-warmup1").exists()
     assert (tmp_path / "bench" / "bench.json").is_file() and (tmp_path / "eval" / "eval.json").is_file()
 
 
@@ -221,6 +292,14 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
     assert world.RunConfig(stage1_fallback=None).stage1_fallback is None
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_restarts=0: expected >= 1$"):
         world.RunConfig(stage1_restarts=0)
+    for bad in ((), (3, 0)):  # an int per warm-up phase (the last repeats), each >= 1
+        with pytest.raises(ValueError, match=rf"^world.py: RunConfig.stage1_restarts={re.escape(repr(bad))}: expected "
+                                             r"an int >= 1, or one per warm-up phase \(the last one repeats\)$"):
+            world.RunConfig(stage1_restarts=bad)
+    r = world.RunConfig()
+    assert [r.restarts(i) for i in range(3)] == [3, 1, 1] and world.RunConfig(stage1_restarts=2).restarts(1) == 2
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.distiller_extra_layers=-1: expected >= 0$"):
+        world.RunConfig(distiller_extra_layers=-1)
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
@@ -248,9 +327,11 @@ def test_quick_world_learns_in_context(tmp_path):
     as `python world.py` runs by default: ~5 min on this project's 2-core VM) trains a tiny LLM that really learns
     in context on 24 held-out tasks, and MEND, trained through train.py's two stages with the short-to-long
     curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured: ICL 74.3, MEND 59.2,
-    zero-shot 37.5, chance 34.7). Zero-shot sits within 5 points of chance (item 4) and MEND's stage-1 L_distill
+    zero-shot 37.5, chance 34.7). Zero-shot sits within 5 points of chance (item 4), MEND's stage-1 L_distill
     falls within the first and the final curriculum phase (measured 0.60 -> 0.067 on 8-token passages, 0.84 -> 0.41
-    on whole passages). Bit for bit the same on one machine; another CPU may take another trajectory (README)."""
+    on whole passages), and Table 4's no-pretraining row (MEND's finetuning from the distiller as is) stays 10
+    points below MEND (measured 35.8). Bit for bit the same on one machine; another CPU may take another
+    trajectory (README)."""
     threads = torch.get_num_threads()
     try:  # two intra-op threads: the suite's other tests run on one (conftest), this one has the machine to itself
         res = world.run_pipeline(tmp_path, quick=True, threads=2, log=lambda *a: None)
@@ -262,6 +343,7 @@ def test_quick_world_learns_in_context(tmp_path):
     assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +21.7
     assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
     assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured +2.8)
+    assert m["mend"] >= res["ablation"]["mend_no_pretraining"] + 10, res["ablation"]  # Table 4 (measured +23.4)
     for run in ("pretrain-mend-warmup1", "pretrain-mend"):
         s1 = [json.loads(line) for line in open(tmp_path / "runs" / run / "log.jsonl")]
         distill = [r["distill"] for r in s1 if "distill" in r]
@@ -278,8 +360,12 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     r = seen["run_cfg"]
     assert (r.l, r.stage1_restarts, r.llm["steps"]) == (8, 2, 100) and r.llm["batch_size"] == 32
     assert (r.stage1_steps, seen["quick"], seen["threads"]) == (world.RunConfig().stage1_steps, False, 2)
-    world.main(["--out", str(tmp_path), "--quick"])
+    assert (r.clm_curriculum, r.distiller_extra_layers) == (False, 2)
+    world.main(["--out", str(tmp_path), "--quick", "--clm_curriculum"])
     assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
+    assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
+    world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
+    assert seen["run_cfg"].distiller_extra_layers == 0
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5")):
         seen.clear()
         with pytest.raises(SystemExit) as e:
@@ -287,3 +373,7 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
         assert e.value.code == 2 and seen == {}
         assert capsys.readouterr().err.splitlines()[-1] == \
             f"world.py: error: argument {flag}: expected an integer >= 1, got {value}"
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--distiller_extra_layers", "-1"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --distiller_extra_layers: expected an integer >= 0, got -1"
