@@ -172,8 +172,9 @@ def test_deepen_adds_identity_blocks(family):
     else:
         a, b = (m(x).logits for m in (lm, deep))
     assert a.abs().max() > 0.5 and torch.equal(a, b)
-    new = {k: v for k, v in deep.state_dict().items() if k.startswith(prefix) and int(k[len(prefix):].split(".")[0]) >= 2}
-    assert {int(k[len(prefix):].split(".")[0]) for k in new} == {2, 3, 4}
+    block = lambda k: int(k[len(prefix):].split(".")[0])  # noqa: E731
+    new = {k: v for k, v in deep.state_dict().items() if k.startswith(prefix) and block(k) >= 2}
+    assert {block(k) for k in new} == {2, 3, 4}
     for k, v in new.items():
         i, rest = k[len(prefix):].split(".", 1)
         if any(z in rest for z in zeroed):
@@ -221,7 +222,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                 "finetune-mend-distill", "finetune-mend-no_pretraining"):
         assert (tmp_path / "runs" / run / "best" / "config.json").is_file(), run
     # Table 4's CLM row only where CLM pretraining went through the same curriculum (like for like)
-    assert (tmp_path / "runs" / "finetune-mend-clm").is_dir() == (tmp_path / "eval-mend-clm").is_dir() == r.clm_curriculum
+    clm_row = (tmp_path / "runs" / "finetune-mend-clm").is_dir(), (tmp_path / "eval-mend-clm").is_dir()
+    assert clm_row == (r.clm_curriculum, r.clm_curriculum)
     # Table 4: each ablation trains what it says (objective, start) and eval.py scored that checkpoint
     runs = ["finetune-mend", "finetune-mend-pred", "finetune-mend-distill", "finetune-mend-no_pretraining"]
     stage2 = {run: info(run) for run in runs + (["finetune-mend-clm"] if r.clm_curriculum else [])}
