@@ -16,9 +16,9 @@ It holds, top to bottom:
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
      probe ICL during LM pretraining (eval.py does the real evaluation).
   4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
-     train.py stage 1 (distill, as a short-to-long curriculum over passage length, each warm-up phase tried with
-     a few seeds and the lowest L_distill kept, plus a fallback when every first-phase try stays stuck; clm for
-     HyperTuning, optionally through the same curriculum) ->
+     train.py stage 1 (distill, as a short-to-long curriculum over passage length, the first warm-up phase tried
+     with a few seeds and the lowest L_distill kept, plus a fallback when every first-phase try stays stuck; clm
+     for HyperTuning, optionally through the same curriculum) ->
      stage 2 (finetune; pred for HyperTuning; PromptTuning; the rows of the paper's Table 4) -> eval.py (5
      methods, Table 4, K sweep) -> bench.py -> DIR/results.json.
 
@@ -794,7 +794,7 @@ def result_table(r: dict) -> str:
     lines = [f"tiny world ({r['family']}, {r['n_test_tasks']} meta-test tasks x 5 seeds, accuracy %, chance "
              f"{r['chance']:.1f}, l={r['l']}, mean |D|={r['mean_demo_tokens']:.1f} tokens)", "",
              "| " + " | ".join(n for _, n in names) + " | MEND w/o L_distill |", "|" + "---|" * (len(names) + 1),
-             "| " + " | ".join(f"{m[k]:.1f}" for k, _ in names) + f" | {r['ablation']['mend_without_L_distill']:.1f} |",
+             "| " + " | ".join(f"{m[k]:.1f}" for k, _ in names) + f" | {a['mend_without_L_distill']:.1f} |",
              "", "Table 4 (accuracy %): pretraining (then MEND's finetuning): none {mend_no_pretraining:.1f}, CLM "
              "{clm}, L_distill {mend:.1f}; finetuning (after L_distill pretraining): L_pred + L_distill {mend:.1f}, "
              "w/o L_pred {mend_without_L_pred:.1f}, w/o L_distill {mend_without_L_distill:.1f}, none (stage 1 only) "
@@ -806,7 +806,7 @@ def result_table(r: dict) -> str:
     checks = [("zero-shot within 5 of chance", abs(m["zero_shot"] - r["chance"]) <= 5),
               ("ICL >= zero-shot + 20", m["icl"] >= m["zero_shot"] + 20),
               ("MEND >= ICL - 2 with l <= |D|/8", m["mend"] >= m["icl"] - 2 and r["l"] <= r["mean_demo_tokens"] / 8),
-              ("MEND w/o L_distill in finetuning < MEND", r["ablation"]["mend_without_L_distill"] < m["mend"]),
+              ("MEND w/o L_distill in finetuning < MEND", a["mend_without_L_distill"] < m["mend"]),
               ("CLM pretraining (w/o L_distill) < MEND", a["mend_clm_pretraining"] < m["mend"]
                if "mend_clm_pretraining" in a else None),
               (f"MEND K={ks[0]} < K={ks[-1]}", r["k_sweep"][ks[0]]["mend"] < r["k_sweep"][ks[-1]]["mend"])]
