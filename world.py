@@ -563,21 +563,24 @@ class RunConfig:
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
     # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size; lr), each one train.py run
     # initialized from the previous run's last checkpoint with a fresh LR schedule, then the final whole-passage
-    # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token then
-    # 16-token passages (D = 2, then 4 demonstrations; the LLM continues with as many) the distiller first learns to
-    # carry a few demonstrations in its l slots in a form the LLM reads; whole passages from the start left MEND
-    # near chance (README, the tiny world). Every phase runs at batch 64: at batch 16 the short phases needed 1,000 +
+    # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token, then
+    # 16-token, then 32-token passages (D = 2, 4, then 8 demonstrations; the LLM continues with as many) the distiller
+    # first learns to carry a few demonstrations in its l slots in a form the LLM reads; whole passages from the start
+    # left MEND near chance (README, the tiny world). The 32-token phase (stop 19) added 1.5-2.5 points of MEND
+    # stage 1 from each of two first-phase solutions; going straight from 8 to 32 tokens left it at chance (README,
+    # "A third warm-up phase"). Every phase runs at batch 64: at batch 16 the short phases needed 1,000 +
     # 1,000 steps, and a batch-16 final phase reached the binding on one LLM training and stayed at chance (dev 20-25
     # for 3,000 steps) on another that differed only in float rounding (2 threads instead of 1); at batch 64 the
-    # runs that bind do so within 500 whole-passage steps (best dev at 500-1,000 steps, hence stage1_steps)
+    # runs that bind do so within 500 whole-passage steps (best dev at 500-1,000 steps, hence stage1_steps; 750 lost
+    # the 32-token phase's gain and 7 points at K = 4)
     # The first phase ends either near 0.01-0.06 (the slots copy D) or stuck at 0.16-0.19, and which copying solution
     # it finds sets where stage 1 lands (README, "The plateau is chosen in the first warm-up phase"): solutions found
     # at lr 2e-3 led to MEND stage 1 62-73 (mean 69), those found at 3e-3 / 4e-3 to 58-65 (mean 62). At 2e-3 for
     # 1,000 steps 4 seeds in 9 leave the plateau; at 4e-3 for 500 steps, 5 in 6: that is stage1_fallback
-    stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3))
+    stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3), (32, 0.5, 500, 64, 2e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
     # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int
-    # per phase (the last repeats), or one for all. The second phase runs once: its seeds moved MEND ~2 points
+    # per phase (the last repeats), or one for all. The later phases run once: their seeds moved MEND ~2 points
     stage1_restarts: tuple = (3, 1)
     # when every try of the first phase ends above stage1_plateau (stuck), one more try with this phase (seed `seed`)
     stage1_fallback: tuple = (8, 0.5, 500, 64, 4e-3)
@@ -585,12 +588,17 @@ class RunConfig:
     stage1_steps: int = 1000
     stage1_batch_size: int = 64
     stage1_lr: float = 2e-3          # the final phase and HyperTuning's clm phase
-    clm_steps: int = 250             # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr
+    # train.py --stage pretrain --objective clm (HyperTuning), same batch and lr. 100 since stop 19 (it was 250: dev
+    # 19, HyperTuning 39.1); without the curriculum CLM stays at chance either way, and the time pays for the
+    # 32-token phase. The like-for-like CLM baseline is clm_curriculum
+    clm_steps: int = 100
     # HyperTuning's CLM pretraining through the same curriculum as MEND's (its warm-up phases and tries, chosen by the
     # lowest end-of-phase CLM loss, no fallback; then stage1_steps whole-passage steps instead of clm_steps): the
     # like-for-like Table 4 "CLM" row and HyperTuning baseline; ~7 min more (21 in all), so off in the quick start
     clm_curriculum: bool = False
-    stage2_steps: int = 300          # train.py --stage finetune (finetune / pred / prompt_tuning)
+    # train.py --stage finetune (finetune / pred / prompt_tuning / Table 4). 200 since stop 19 (it was 300; MEND's
+    # best dev came at steps 100-200 in every stop-18/19 run), for the 32-token phase's time
+    stage2_steps: int = 200
     batch_size: int = 8              # stage 2
     lr: float = 3e-4                 # stage 2: short and gentle, as it overfits the 24 meta-train label words
     # validation on the meta-test tasks' dev files picks each run's best checkpoint (the paper's Appendix A)
