@@ -838,7 +838,7 @@ def main(argv=None):
     ap.add_argument("--l", type=int, default=None, help="distillation vectors (default: RunConfig, 4 = |D|/8)")
     ap.add_argument("--stage1_restarts", type=int, default=None,
                     help="train.py seeds tried in every stage-1 warm-up phase; the lowest L_distill goes on "
-                         "(default: RunConfig, 3 in the first phase and 1 in the second)")
+                         "(default: RunConfig, 3 in the first phase and 1 in the others)")
     ap.add_argument("--distiller_extra_layers", type=int, default=None,
                     help="identity-initialized blocks added to the distiller (a copy of the LLM); 0 = the plain copy "
                          "(default: RunConfig, 2)")
