@@ -594,7 +594,7 @@ class RunConfig:
     clm_steps: int = 100
     # HyperTuning's CLM pretraining through the same curriculum as MEND's (its warm-up phases and tries, chosen by the
     # lowest end-of-phase CLM loss, no fallback; then stage1_steps whole-passage steps instead of clm_steps): the
-    # like-for-like Table 4 "CLM" row and HyperTuning baseline; ~7 min more (21 in all), so off in the quick start
+    # like-for-like Table 4 "CLM" row and HyperTuning baseline; ~9 min more (24 in all), so off in the quick start
     clm_curriculum: bool = False
     # train.py --stage finetune (finetune / pred / prompt_tuning / Table 4). 200 since stop 19 (it was 300; MEND's
     # best dev came at steps 100-200 in every stop-18/19 run), for the 32-token phase's time
@@ -844,7 +844,7 @@ def main(argv=None):
                          "(default: RunConfig, 2)")
     ap.add_argument("--clm_curriculum", action="store_true",
                     help="HyperTuning's CLM pretraining (also Table 4's CLM row) through MEND's stage-1 curriculum: "
-                         "the like-for-like comparison (~7 min more)")
+                         "the like-for-like comparison (~9 min more)")
     args = ap.parse_args(argv)
     for name in ("llm_steps", "l", "stage1_restarts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
