@@ -10,7 +10,8 @@ eval.py and bench.py import it, never the other way round).
   be anywhere (positions = cumsum(mask) - 1), and an optional KV cache so a shared prefix (demonstrations or S_D)
   is computed once and reused across queries and answer options.
 - T5: encoder-decoder, v1.0 (t5-small/base/large: ReLU FFN, tied head with d_model**-0.5 output scaling) and
-  v1.1 / lm-adapt / flan-t5 (gated-GELU, untied head); relative position bias, no 1/sqrt(d) scaling.
+  v1.1 / lm-adapt / flan-t5 (gated-GELU, untied head); relative position bias, no 1/sqrt(d) scaling. In fp16 the
+  FF output projections `wo` stay fp32 (as transformers' _keep_in_fp32_modules; use cast() rather than .to()).
 - OPT (opt-125m ... opt-66b): learned positions with offset 2, ReLU FFN, pre-LN (opt-350m: post-LN with
   project_in / project_out), tied or untied head. Llama-style (model_type llama, mistral, qwen2): RMSNorm, RoPE
   (rope_theta; linear / llama3 scaling), SwiGLU, grouped-query attention, Qwen2's q/k/v biases. Both share GPT-2's
@@ -26,6 +27,8 @@ family is one module class plus one key-mapping function (FAMILIES at the bottom
 import json
 import math
 import os
+import pickle
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,12 +40,27 @@ import torch.nn.functional as F
 # configs: dataclasses over the keys of Hugging Face's config.json; unknown keys are kept (extra) for round trips
 
 
+def _accepts(annotation, v) -> bool:  # a JSON value v for a field annotated int / float / int | None ...
+    ts = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+    if isinstance(v, bool):
+        return bool in ts
+    return isinstance(v, ts) or (float in ts and isinstance(v, int))  # JSON writes 10000.0 as 10000 too
+
+
+def _type_names(annotation) -> str:
+    ts = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in ts)
+
+
 class _Config:
     @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.extra = {k: v for k, v in d.items() if k not in names}
+    def from_dict(cls, d: dict, where="config"):
+        types_ = {f.name: f.type for f in fields(cls) if f.name != "extra"}
+        for k, v in d.items():
+            if k in types_ and not _accepts(types_[k], v):
+                raise ValueError(f"{where}: '{k}' is {v!r}, expected {_type_names(types_[k])}")
+        cfg = cls(**{k: v for k, v in d.items() if k in types_})
+        cfg.extra = {k: v for k, v in d.items() if k not in types_}
         return cfg
 
     def to_dict(self) -> dict:
@@ -66,8 +84,8 @@ class GPT2Config(_Config):
     initializer_range: float = 0.02
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    bos_token_id: int | list | None = 50256  # kept for round trips (hub configs may write null or a list)
+    eos_token_id: int | list | None = 50256
     model_type: str = "gpt2"
     extra: dict = field(default_factory=dict)
 
@@ -90,13 +108,13 @@ class T5Config(_Config):
     tie_word_embeddings: bool = True  # v1.0 True (with d_model**-0.5 output scaling), v1.1 False
     pad_token_id: int = 0
     decoder_start_token_id: int = 0
-    eos_token_id: int = 1
+    eos_token_id: int | list | None = 1
     model_type: str = "t5"
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict):
-        cfg = super().from_dict(d)
+    def from_dict(cls, d: dict, where="config"):
+        cfg = super().from_dict(d, where)
         if "scale_decoder_outputs" in d:  # transformers >= 5 writes tie_word_embeddings=true always and says
             cfg.tie_word_embeddings = bool(d["scale_decoder_outputs"])  # v1.0 vs v1.1 with this key instead
             cfg.extra.pop("scale_decoder_outputs")
@@ -137,6 +155,20 @@ class LMOutput:
     encoder_hidden_states: torch.Tensor | None = None  # T5: (B, T_enc, d)
 
 
+def _check_mask(fn, name, mask, B, T, T_name="T"):  # a (B, T) mask, or (1, T) shared by the batch
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] not in (1, B) or mask.shape[1] != T):
+        shared = "" if B == 1 else f" or (1, {T})"
+        raise ValueError(f"{fn}: {name} has shape {tuple(mask.shape)}, expected (B, {T_name}) = ({B}, {T}){shared}")
+
+
+def _check_positions(who, n, position_ids, limit, what, given):
+    """Learned position tables (GPT-2, OPT): derived positions are < n, so only n > limit needs the (host-syncing)
+    max; explicit position_ids (given) are always checked."""
+    if (given or n > limit) and position_ids.numel() and int(position_ids.max()) >= limit:
+        raise ValueError(f"{who}.forward: position {int(position_ids.max())} >= {what}={limit} (the sequence is "
+                         "too long)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPT-2
 
@@ -150,7 +182,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):  # (..., n_in) -> (..., n_out)
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (N, n_out)
+        return y.view(*x.shape[:-1], y.shape[1])
 
 
 class GPT2Attention(nn.Module):
@@ -232,16 +265,13 @@ class GPT2(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        if attention_mask is not None and attention_mask.shape[-1] != T_past + T:
-            raise ValueError(f"GPT2.forward: attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                             f"(B, T_past + T) = ({B}, {T_past + T})")
+        _check_mask("GPT2.forward", "attention_mask", attention_mask, B, T_past + T, "T_past + T")
+        given = position_ids is not None
         if position_ids is None and attention_mask is None:
             position_ids = torch.arange(T_past, T_past + T, device=x.device)[None]  # (1, T)
         elif position_ids is None:  # positions count real tokens only: left padding and holes do not shift them
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
-        if T_past + T > self.config.n_positions and int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(f"GPT2.forward: position {int(position_ids.max())} >= n_positions="
-                             f"{self.config.n_positions} (the sequence is too long)")
+        _check_positions("GPT2", T_past + T, position_ids, self.config.n_positions, "n_positions", given)
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
 
         # attention: is_causal (fast path) when nothing is padded or cached, else a boolean mask (B|1, 1, T, T_k)
@@ -281,21 +311,38 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
 
+def _plan(ckpt, pairs) -> dict:
+    """[(module key, checkpoint key)] -> {module key: checkpoint key}; two checkpoint keys for one module key (a file
+    mixing two layouts, e.g. `transformer.wte.weight` and `wte.weight`) are an error, not last-one-wins."""
+    plan = {}
+    for mk, ck in pairs:
+        if mk in plan:
+            raise ValueError(f"{ckpt.where}: checkpoint tensors '{plan[mk]}' and '{ck}' both map to '{mk}' (expected "
+                             "one key layout, not a mix)")
+        plan[mk] = ck
+    return plan
+
+
+def _check_tied_head(ckpt, emb_keys, tied_by):
+    """A tied model ignores the checkpoint's lm_head.weight: refuse one that differs from the embeddings."""
+    ek, hk = next((k for k in emb_keys if k in ckpt), None), "lm_head.weight"
+    if ek is not None and (ckpt.shape(ek) != ckpt.shape(hk) or not torch.equal(ckpt.get(ek), ckpt.get(hk))):
+        raise ValueError(f"{ckpt.where}: {hk} {ckpt.shape(hk)} differs from {ek} {ckpt.shape(ek)} but the head is "
+                         f"tied ({tied_by}); expected equal tensors")
+
+
 def gpt2_keys(ckpt, model: GPT2) -> dict:
     """Checkpoint keys -> module keys ({module key: checkpoint key}): add the missing `transformer.` prefix
     (GPT2Model / original hub files), drop the attn.bias / attn.masked_bias mask buffers and the tied lm_head."""
-    plan = {}
+    pairs = []
     for k in ckpt:
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         if k == "lm_head.weight":
-            wk = next((w for w in ("transformer.wte.weight", "wte.weight") if w in ckpt), None)
-            if wk is not None and (ckpt.shape(wk) != ckpt.shape(k) or not torch.equal(ckpt.get(wk), ckpt.get(k))):
-                raise ValueError("model.py: checkpoint has an lm_head.weight different from transformer.wte.weight; "
-                                 "untied GPT-2 heads are not supported")
+            _check_tied_head(ckpt, ("transformer.wte.weight", "wte.weight"), "untied GPT-2 heads are not supported")
             continue
-        plan[k if k.startswith("transformer.") else "transformer." + k] = k
-    return plan
+        pairs.append((k if k.startswith("transformer.") else "transformer." + k, k))
+    return _plan(ckpt, pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,8 +397,9 @@ class T5Attention(nn.Module):
         B, Tq, _ = x.shape                 # bias: (B|1, H|1, Tq|1, Tk) relative position + mask, or None
         kv = x if kv is None else kv
         q = self.q(x).view(B, Tq, self.H, self.d_kv).transpose(1, 2)  # (B, H, Tq, d_kv)
-        k = self.k(kv).view(B, -1, self.H, self.d_kv).transpose(1, 2)  # (B, H, Tk, d_kv)
-        v = self.v(kv).view(B, -1, self.H, self.d_kv).transpose(1, 2)
+        Tk = kv.shape[1]
+        k = self.k(kv).view(B, Tk, self.H, self.d_kv).transpose(1, 2)  # (B, H, Tk, d_kv)
+        v = self.v(kv).view(B, Tk, self.H, self.d_kv).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,  # T5: no 1/sqrt(d_kv)
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.H * self.d_kv))
@@ -373,7 +421,7 @@ class T5DenseReluDense(nn.Module):  # v1.0: wo(relu(wi x)); v1.1: wo(gelu_new(wi
 
     def forward(self, x):
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(self.dropout(h))
+        return self.wo(self.dropout(h).to(self.wo.weight.dtype))  # fp16 models keep wo in fp32 (T5.keep_in_fp32)
 
 
 class T5SubLayer(nn.Module):
@@ -388,9 +436,10 @@ class T5SubLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x, *args):
-        x = x + self.dropout(getattr(self, self.name)(self.layer_norm(x), *args))
-        if x.dtype == torch.float16:  # transformers' T5 guard: v1.1/flan activations overflow fp16 -> clamp
-            big = torch.finfo(torch.float16).max - 1000
+        x = x + self.dropout(getattr(self, self.name)(self.layer_norm(x), *args))  # fp32 after an fp32 `wo`
+        if x.dtype == torch.float16:  # transformers' T5 guard against fp16 overflow: inf -> +-(max - 1000)
+            big = torch.finfo(torch.float16).max
+            big = torch.where(torch.isinf(x).any(), big - 1000, big)  # a tensor: no host sync
             x = x.clamp(-big, big)
         return x
 
@@ -441,6 +490,7 @@ class T5Stack(nn.Module):
 
 class T5(nn.Module):
     is_encoder_decoder = True
+    keep_in_fp32 = ("wo",)  # transformers' _keep_in_fp32_modules: in fp16 the FF output projections stay fp32
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -459,6 +509,7 @@ class T5(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("T5.encode: give exactly one of input_ids or inputs_embeds")
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        _check_mask("T5.encode", "attention_mask", attention_mask, x.shape[0], x.shape[1], "T_enc")
         return self.encoder(x, attention_mask)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, decoder_input_ids=None,
@@ -468,6 +519,9 @@ class T5(nn.Module):
         enc = encoder_hidden_states
         if enc is None:
             enc = self.encode(input_ids, inputs_embeds, attention_mask)  # (B, T_enc, d)
+        else:
+            _check_mask("T5.forward", "attention_mask", attention_mask, enc.shape[0], enc.shape[1], "T_enc")
+        _check_mask("T5.forward", "decoder_attention_mask", decoder_attention_mask, *decoder_input_ids.shape, "T_dec")
         h = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, enc, attention_mask)  # (B, T, d)
         return LMOutput(self.head(h) if return_logits else None, h, None, enc)
 
@@ -506,7 +560,8 @@ def t5_keys(ckpt, model: T5) -> dict:
         plan["shared.weight"] = embeds[0]
     plan.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     if model.config.tie_word_embeddings:
-        plan.pop("lm_head.weight", None)
+        if plan.pop("lm_head.weight", None):
+            _check_tied_head(ckpt, embeds[:1], "config.json: tie_word_embeddings=true")
     elif "lm_head.weight" not in plan and embeds:  # untied config saved with a tied head (as transformers >= 5
         plan["lm_head.weight"] = embeds[0]  # does for a fresh v1.1 model): the head gets a copy of the embeddings
     return plan
@@ -521,9 +576,7 @@ def _decoder_inputs(who, x, attention_mask, past_key_values):
     (B|1, 1, T, T_past + T): causal, padding keys dropped, every query sees itself (padding rows are never NaN)."""
     B, T, _ = x.shape
     T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-    if attention_mask is not None and attention_mask.shape[-1] != T_past + T:
-        raise ValueError(f"{who}.forward: attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                         f"(B, T_past + T) = ({B}, {T_past + T})")
+    _check_mask(f"{who}.forward", "attention_mask", attention_mask, B, T_past + T, "T_past + T")
     if T_past == 0 and (attention_mask is None or bool(attention_mask.all())):
         return T_past, None, True
     if attention_mask is None and T == 1:
@@ -548,7 +601,8 @@ def _with_past(k, v, past):
 
 class _DecoderLM(nn.Module):
     """What OPT and Llama share: the decoder-only interface of GPT2 (embed_tokens, head, forward contract).
-    Subclasses have an `embed` property (the nn.Embedding), self.lm_head (None when tied), _check_length and
+    Subclasses have an `embed` property (the nn.Embedding), self.lm_head (None when tied), _check_length
+    (who, T_past + T, position_ids, given: whether position_ids were passed in) and
     _body(x, position_ids, attn_mask, is_causal, past_key_values, use_cache) -> (h after the final norm,
     per-layer (k, v) when use_cache)."""
     is_encoder_decoder = False
@@ -566,21 +620,15 @@ class _DecoderLM(nn.Module):
             raise ValueError(f"{who}.forward: give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         T_past, attn_mask, is_causal = _decoder_inputs(who, x, attention_mask, past_key_values)
-        T = x.shape[1]
+        T, given = x.shape[1], position_ids is not None
         if position_ids is None and attention_mask is None:
             position_ids = torch.arange(T_past, T_past + T, device=x.device)[None]  # (1, T)
         elif position_ids is None:  # positions count real tokens only: left padding and holes do not shift them
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_past:]  # (B, T)
-        self._check_length(who, T_past + T, position_ids)
+        self._check_length(who, T_past + T, position_ids, given)
         h, presents = self._body(x, position_ids, attn_mask, is_causal, past_key_values, use_cache)
         logits = self.head(h) if return_logits else None
         return LMOutput(logits, h, tuple(presents) if use_cache else None)
-
-
-def _check_positions(who, n, position_ids, limit, what):
-    if n > limit and int(position_ids.max()) >= limit:
-        raise ValueError(f"{who}.forward: position {int(position_ids.max())} >= {what}={limit} (the sequence is "
-                         "too long)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,8 +654,8 @@ class OPTConfig(_Config):
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 1
-    bos_token_id: int | None = 2
-    eos_token_id: int | None = 2
+    bos_token_id: int | list | None = 2
+    eos_token_id: int | list | None = 2
     model_type: str = "opt"
     extra: dict = field(default_factory=dict)
 
@@ -683,8 +731,8 @@ class OPT(_DecoderLM):
     def embed(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
 
-    def _check_length(self, who, n, position_ids):
-        _check_positions(who, n, position_ids, self.config.max_position_embeddings, "max_position_embeddings")
+    def _check_length(self, who, n, position_ids, given):
+        _check_positions(who, n, position_ids, self.config.max_position_embeddings, "max_position_embeddings", given)
 
     def _body(self, x, position_ids, attn_mask, is_causal, past_key_values, use_cache):
         dec = self.model.decoder
@@ -724,15 +772,14 @@ def _init_decoder(model, std):
 def opt_keys(ckpt, model: OPT) -> dict:
     """Checkpoint keys -> module keys: OPTForCausalLM saves `model.decoder.*` (+ lm_head.weight), OPTModel and the
     original metaseq conversions `decoder.*`; a tied lm_head is dropped."""
-    plan = {}
+    pairs = []
     for k in ckpt:
         if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            _check_tied_head(ckpt, ("model.decoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+                             "config.json: tie_word_embeddings=true")
             continue
-        if k.startswith("decoder."):
-            plan["model." + k] = k
-        else:
-            plan[k] = k
-    return plan
+        pairs.append(("model." + k if k.startswith("decoder.") else k, k))
+    return _plan(ckpt, pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -855,7 +902,7 @@ class LlamaAttention(nn.Module):
         kk, vv = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
         y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)), (k, v)
 
 
 class LlamaMLP(nn.Module):  # SwiGLU: down(silu(gate x) * up x)
@@ -907,7 +954,7 @@ class Llama(_DecoderLM):
     def embed(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def _check_length(self, who, n, position_ids):
+    def _check_length(self, who, n, position_ids, given):  # RoPE: any position is fine, the window is not
         w = self.config.window()
         if w is not None and n > w:
             raise ValueError(f"{who}.forward: {n} tokens > sliding_window={w}: the sliding-window attention of "
@@ -934,12 +981,16 @@ class Llama(_DecoderLM):
 def llama_keys(ckpt, model: Llama) -> dict:
     """Checkpoint keys -> module keys: add `model.` for LlamaModel-style files, drop old checkpoints' rotary_emb.inv_freq
     buffers and a tied lm_head."""
-    plan = {}
+    pairs = []
     for k in ckpt:
-        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and model.config.tie_word_embeddings):
+        if k.endswith("rotary_emb.inv_freq"):
             continue
-        plan[k if k.startswith("model.") or k == "lm_head.weight" else "model." + k] = k
-    return plan
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            _check_tied_head(ckpt, ("model.embed_tokens.weight", "embed_tokens.weight"),
+                             "config.json: tie_word_embeddings=true")
+            continue
+        pairs.append((k if k.startswith("model.") or k == "lm_head.weight" else "model." + k, k))
+    return _plan(ckpt, pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -968,14 +1019,16 @@ def _family(config: dict, where="config"):
 def build_model(config: dict) -> nn.Module:
     """A randomly initialised model (as transformers initialises it) from a config.json-style dict."""
     cfg_cls, model_cls, _, _ = _family(config)
-    model = model_cls(cfg_cls.from_dict(config))
+    model = model_cls(cfg_cls.from_dict(config, "build_model(config)"))
     model.init_weights()
     return model
 
 
-def _atomic_write(path: Path, write):  # write(tmp_path) then os.replace: readers never see a partial file
+def _atomic_write(path: Path, write):  # write(tmp_path), fsync, os.replace: readers never see a partial file
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    with open(tmp, "rb") as f:  # on disk before the rename makes it visible (else a crash can leave it empty)
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1011,18 +1064,32 @@ def resolve(name_or_path, patterns) -> Path:
                                 f"(offline or not in the hub cache?): {type(e).__name__}: {reason}") from None
 
 
+def _read_json(path: Path, expected: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a JSON {type(d).__name__}, expected {expected}")
+    return d
+
+
 def load_config(name_or_path) -> dict:
     folder = resolve(name_or_path, ["config.json"])
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    return json.loads((folder / "config.json").read_text())
+    return _read_json(folder / "config.json", "a JSON object of model settings")
 
 
 def _weight_files(folder: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).is_file():  # sharded: the index maps every tensor to its shard
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            expected = '{"weight_map": {tensor name: shard file}}'
+            weight_map = _read_json(folder / index, expected).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index}: no \"weight_map\" object, expected {expected}")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{folder / index}: shard file(s) {missing} are missing")
@@ -1035,22 +1102,34 @@ def _weight_files(folder: Path) -> list[Path]:
 class Checkpoint:
     """The tensors of a checkpoint's weight files, read lazily: names and shapes come from the file headers and a
     tensor is read only when asked for (safetensors through safe_open's mmap; pytorch_model.bin through
-    torch.load(mmap=True, weights_only=True) when the file allows it). Iterating gives the checkpoint keys."""
+    torch.load(mmap=True, weights_only=True) when the file allows it). Iterating gives the checkpoint keys.
+    `where` names it in errors: the file, or the folder of a sharded checkpoint."""
 
-    def __init__(self, files):
-        from safetensors import safe_open
+    def __init__(self, files, where=None):
+        from safetensors import SafetensorError, safe_open
 
-        self.files, self.file_of, self.shapes, self._bin = list(files), {}, {}, {}
+        self.files, self.file_of, self.shapes, self._bin = [Path(f) for f in files], {}, {}, {}
+        self.where = where or str(self.files[0] if len(self.files) == 1 else self.files[0].parent)
         for f in self.files:
             if f.suffix == ".safetensors":
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self.file_of[k], self.shapes[k] = f, tuple(h.get_slice(k).get_shape())
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self.file_of[k], self.shapes[k] = f, tuple(h.get_slice(k).get_shape())
+                except SafetensorError as e:
+                    raise ValueError(f"{f}: not a readable safetensors file ({e}); expected the file "
+                                     "safetensors.save_file writes") from None
             else:  # pytorch_model.bin fallback: tensors only, never arbitrary pickles
                 try:
-                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # legacy (non-zip) .bin files cannot be mmapped
-                    sd = torch.load(f, map_location="cpu", weights_only=True)
+                    try:
+                        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError:  # legacy (non-zip) .bin files cannot be mmapped
+                        sd = torch.load(f, map_location="cpu", weights_only=True)
+                except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                    why = str(e).split("WeightsUnpickler error:")[-1]  # torch's weights_only text: the cause
+                    reason = next((line.strip() for line in why.splitlines() if line.strip()), type(e).__name__)
+                    raise ValueError(f"{f}: not a readable PyTorch checkpoint ({reason}); expected the file "
+                                     "torch.save writes") from None
                 self._bin[f] = sd
                 for k, v in sd.items():
                     self.file_of[k], self.shapes[k] = f, tuple(v.shape)
@@ -1092,7 +1171,8 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, plan: dict, where: str, dty
     """Strictly load the checkpoint into a `model` built on the meta device: plan = {module key: checkpoint key}
     (the family's key mapping). A missing, unexpected or mis-shaped tensor is an error (checked on the headers,
     before anything is read). The parameters are allocated once, in `dtype` on `device`, then filled tensor by
-    tensor (dtype converted on the fly), so the host never holds the whole model twice."""
+    tensor (dtype converted on the fly), so the host never holds the whole model twice. In fp16 the modules a
+    model lists in keep_in_fp32 (T5's `wo`) are allocated and filled in fp32, as transformers loads them."""
     expected = model.state_dict()  # meta tensors: shapes only
     for k, ck in plan.items():
         if k not in expected:
@@ -1105,7 +1185,7 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, plan: dict, where: str, dty
         if ckpt.shape(plan[k]) != tuple(v.shape):
             raise ValueError(f"{where}: tensor '{k}' has shape {ckpt.shape(plan[k])} in the checkpoint but the model "
                              f"expects {tuple(v.shape)}")
-    model.to(dtype=dtype).to_empty(device=device)  # uninitialised storage in the target dtype on the target device
+    cast(model, dtype).to_empty(device=device)  # uninitialised storage in the target dtype on the target device
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for k, t in ckpt.tensors(plan, release=True):
@@ -1113,12 +1193,29 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, plan: dict, where: str, dty
 
 
 def _dtype(dtype):
-    if isinstance(dtype, str):
-        names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-        dtype = getattr(torch, names.get(dtype, dtype), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model.py: dtype must be a torch dtype or one of fp32/fp16/bf16, got {dtype!r}")
-    return dtype
+    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    dt = getattr(torch, names.get(dtype, dtype), None) if isinstance(dtype, str) else dtype
+    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        raise ValueError(f"model.py: dtype must be a floating torch dtype or one of fp32/fp16/bf16, got {dtype!r}")
+    return dt
+
+
+def cast(module: nn.Module, dtype=None, device=None) -> nn.Module:
+    """module.to(device, dtype) as transformers casts: in fp16 the submodules that a model (at any depth of `module`,
+    e.g. the T5 distiller inside mend.MEND) lists in keep_in_fp32 stay fp32 (T5's `wo`: fp16 overflows there)."""
+    dtype = None if dtype is None else _dtype(dtype)
+    kept = []  # (parent, name, child): set aside while the rest is cast, so they never round through fp16
+    for m in module.modules() if dtype == torch.float16 else ():
+        for parent in m.modules() if getattr(m, "keep_in_fp32", ()) else ():
+            kept += [(parent, n, c) for n, c in parent.named_children() if n in m.keep_in_fp32]
+    for parent, name, _ in kept:
+        setattr(parent, name, None)
+    try:
+        module.to(device=device, dtype=dtype)
+    finally:
+        for parent, name, child in kept:
+            setattr(parent, name, child.to(device=device, dtype=torch.float32))
+    return module
 
 
 def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Module:
@@ -1127,7 +1224,9 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Modul
     dtype = _dtype(dtype)
     folder = resolve(name_or_path, WEIGHT_FILES)
     config = load_config(folder)
-    cfg_cls, model_cls, keys, _ = _family(config, str(folder / "config.json"))
+    where = str(folder / "config.json")
+    cfg_cls, model_cls, keys, _ = _family(config, where)
+    cfg = cfg_cls.from_dict(config, where)
     files = _weight_files(folder)
     if not files:  # no safetensors: fall back to pytorch_model.bin
         folder = resolve(name_or_path, BIN_FILES)
@@ -1135,9 +1234,9 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Modul
     if not files:
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     with torch.device("meta"):  # no memory, no random init: the checkpoint's tensors are copied in below
-        model = model_cls(cfg_cls.from_dict(config))
-    ckpt = Checkpoint(files)
-    load_weights(model, ckpt, keys(ckpt, model), str(files[0] if len(files) == 1 else folder), dtype, device)
+        model = model_cls(cfg)
+    ckpt = Checkpoint(files, str(files[0] if len(files) == 1 else folder))
+    load_weights(model, ckpt, keys(ckpt, model), ckpt.where, dtype, device)
     return model.eval()
 
 

@@ -3,6 +3,7 @@ numerical reference, test-only) on tiny random configs saved in the hub layouts,
 path, the KV cache (with a soft prefix, so RoPE offsets after S_D are checked), a MEND overfit step per family
 through mend.py unchanged, and the shard-by-shard loader's peak host memory."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -191,6 +192,68 @@ def test_errors_and_round_trip(tmp_path, pairs, tiny_tokenizer):
         with torch.no_grad():
             assert maxdiff(back(ids).logits, ours(ids).logits) <= TOL
             assert maxdiff(model.from_pretrained(folder)(ids).logits, ours(ids).logits) == 0
+
+
+@pytest.mark.parametrize("case", ["opt-preln-tied", "llama-gqa-linear-bias", "qwen2-tied"])
+def test_empty_inputs_and_input_checks(pairs, case):
+    """B = 0 or T = 0 give empty logits (also after a cache); a mask must be (B, T_past + T) or (1, T_past + T);
+    explicit position_ids past OPT's learned table are refused (RoPE has no table: any position is fine)."""
+    _, ours = pairs[case]
+    who, ids = type(ours).__name__, ids_batch(2, 5)
+    with torch.no_grad():
+        assert ours(ids[:, :0]).logits.shape == (2, 0, V)
+        assert ours(ids[:0], attention_mask=torch.ones(0, 5, dtype=torch.long)).logits.shape == (0, 5, V)
+        pre = ours(ids[:1], use_cache=True).past_key_values
+        out = ours(ids[:, :0], past_key_values=pre, use_cache=True)
+        assert out.logits.shape == (2, 0, V) and out.past_key_values[0][0].shape[::2] == (2, 5)
+        assert maxdiff(ours(ids, attention_mask=torch.ones(1, 5, dtype=torch.long)).logits, ours(ids).logits) == 0
+    for shape, msg in {(3, 5): "(3, 5), expected (B, T_past + T) = (2, 5) or (1, 5)",
+                       (5,): "(5,), expected (B, T_past + T) = (2, 5) or (1, 5)"}.items():
+        with pytest.raises(ValueError, match=re.escape(f"{who}.forward: attention_mask has shape {msg}")):
+            ours(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+    far = torch.tensor([[0, 1, 2, 3, 64]])
+    if who == "OPT":
+        with pytest.raises(ValueError, match=re.escape("OPT.forward: position 64 >= max_position_embeddings=64")):
+            ours(ids, position_ids=far)
+    else:
+        with torch.no_grad():
+            assert torch.isfinite(ours(ids, position_ids=far).logits).all()
+
+
+@pytest.mark.parametrize("case", ["opt-preln-tied", "llama3-rope", "qwen2-tied"])
+def test_error_tied_head_differs_and_mixed_key_layouts(tmp_path, case):
+    """tie_word_embeddings=true with a different lm_head.weight in the file: refused (was: silently dropped);
+    a file mixing the bare and the prefixed layout (two tensors for one parameter): refused (was: last one wins)."""
+    ref = hf_model(case)
+    folder = write_layout(tmp_path / "ckpt", ref, "bare")
+    sd = {k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()}
+    emb = "model.decoder.embed_tokens.weight" if case.startswith("opt") else "model.embed_tokens.weight"
+    save_file({**sd, "lm_head.weight": torch.randn(V, 32)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: lm_head.weight ({V}, 32) differs from {emb} ({V}, 32) "
+                            "but the head is tied (config.json: tie_word_embeddings=true); expected equal tensors")
+    bare = emb.removeprefix("model.")
+    save_file({**sd, bare: sd[emb].clone()}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: checkpoint tensors '{bare}' and '{emb}' both map to "
+                            f"'{emb}' (expected one key layout, not a mix)")
+
+
+def test_config_types_checked(tmp_path):
+    """config.json values of the wrong type are refused with the file named; JSON ints for floats are fine."""
+    base = dict(CASES["llama-gqa-linear-bias"][2], model_type="llama")
+    assert model.build_model(dict(base, rope_theta=5000)).config.rope()[0] == 5000.0
+    folder = write_layout(tmp_path / "q", hf_model("qwen2-tied"), "bare")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "true"}))
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == f"{folder / 'config.json'}: 'tie_word_embeddings' is 'true', expected bool"
+    with pytest.raises(ValueError, match=re.escape("build_model(config): 'rope_scaling' is [2.0], expected dict or "
+                                                   "null")):
+        model.build_model(dict(base, rope_scaling=[2.0]))
 
 
 def test_build_model_init_and_bf16(tmp_path):

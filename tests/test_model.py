@@ -92,8 +92,10 @@ def test_gpt2_logits_match_transformers(tmp_path, layout):
         ref.save_pretrained(tmp_path)
     elif layout == "original":
         write_checkpoint(tmp_path, GPT2_CFG, original_gpt2_keys(ref))
-    elif layout == "bin_with_head":  # old pytorch_model.bin: prefix, buffers and the (tied) lm_head all present
-        write_checkpoint(tmp_path, GPT2_CFG, {**original_gpt2_keys(ref), **ref.state_dict()}, "bin")
+    elif layout == "bin_with_head":  # old GPT2LMHeadModel pytorch_model.bin: prefix, buffers and the tied lm_head
+        buffers = {"transformer." + k: v for k, v in original_gpt2_keys(ref).items()
+                   if k.endswith((".attn.bias", ".attn.masked_bias"))}
+        write_checkpoint(tmp_path, GPT2_CFG, {**buffers, **ref.state_dict()}, "bin")
     else:
         write_checkpoint(tmp_path, GPT2_CFG, ref.state_dict(), "sharded")
     ours = model.from_pretrained(tmp_path)
@@ -194,6 +196,28 @@ def test_gpt2_batch1_prefix_cache_reused_for_a_batch(gpt2_pair):
             assert maxdiff(got[b, :n], ours(inputs_embeds=emb).logits[0, 4:]) <= TOL
 
 
+def test_gpt2_empty_inputs_and_input_checks(gpt2_pair):
+    """B = 0 or T = 0 give empty logits (also after a cache); a mask must be (B, T_past + T) or (1, T_past + T);
+    explicit position_ids past the position table are refused even when the sequence itself is short."""
+    _, ours, _ = gpt2_pair
+    ids = ids_batch(2, 5)
+    with torch.no_grad():
+        assert ours(ids[:, :0]).logits.shape == (2, 0, 120)
+        assert ours(ids[:0], attention_mask=torch.ones(0, 5, dtype=torch.long)).logits.shape == (0, 5, 120)
+        pre = ours(ids[:1], use_cache=True).past_key_values
+        out = ours(ids[:, :0], past_key_values=pre, use_cache=True)
+        assert out.logits.shape == (2, 0, 120) and out.past_key_values[0][0].shape == (2, 4, 5, 8)
+        assert maxdiff(ours(ids, attention_mask=torch.ones(1, 5, dtype=torch.long)).logits, ours(ids).logits) == 0
+    bad = {(3, 5): "(3, 5), expected (B, T_past + T) = (2, 5) or (1, 5)",
+           (5,): "(5,), expected (B, T_past + T) = (2, 5) or (1, 5)",
+           (2, 1, 5): "(2, 1, 5), expected (B, T_past + T) = (2, 5) or (1, 5)"}
+    for shape, msg in bad.items():
+        with pytest.raises(ValueError, match=re.escape(f"GPT2.forward: attention_mask has shape {msg}")):
+            ours(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match=re.escape("GPT2.forward: position 64 >= n_positions=64")):
+        ours(ids, position_ids=torch.tensor([[0, 1, 2, 3, 64]]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # T5 parity
 
@@ -248,6 +272,27 @@ def test_t5_padding_embeds_encoder_states_and_shift_right(tmp_path):
     assert ref._shift_right(labels).tolist() == [[0, 5, 6, 1]]
 
 
+def test_t5_empty_inputs_and_mask_checks(tmp_path):
+    """B = 0 or an empty decoder give empty logits; masks must be (B, T) or (1, T) for encoder and decoder."""
+    ours = model.from_pretrained(write_checkpoint(tmp_path, T5_V11, hf_t5(T5_V11).state_dict()))
+    ids, mask, dec = t5_inputs()
+    with torch.no_grad():
+        assert ours(input_ids=ids[:0], attention_mask=mask[:0], decoder_input_ids=dec[:0]).logits.shape == (0, 7, 120)
+        assert ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :0]).logits.shape == (2, 0, 120)
+        one = torch.ones(1, 10, dtype=torch.long)  # a (1, T) mask is shared by the batch
+        assert maxdiff(ours(input_ids=ids, attention_mask=one, decoder_input_ids=dec).logits,
+                       ours(input_ids=ids, decoder_input_ids=dec).logits) == 0
+    with pytest.raises(ValueError, match=re.escape("T5.encode: attention_mask has shape (2, 9), expected "
+                                                   "(B, T_enc) = (2, 10) or (1, 10)")):
+        ours(input_ids=ids, attention_mask=mask[:, :9], decoder_input_ids=dec)
+    with pytest.raises(ValueError, match=re.escape("T5.forward: attention_mask has shape (10,), expected "
+                                                   "(B, T_enc) = (2, 10) or (1, 10)")):
+        ours(encoder_hidden_states=torch.zeros(2, 10, 32), attention_mask=mask[0], decoder_input_ids=dec)
+    with pytest.raises(ValueError, match=re.escape("T5.forward: decoder_attention_mask has shape (3, 7), expected "
+                                                   "(B, T_dec) = (2, 7) or (1, 7)")):
+        ours(input_ids=ids, decoder_input_ids=dec, decoder_attention_mask=torch.ones(3, 7, dtype=torch.long))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # our save_pretrained <-> transformers, build_model, bf16
 
@@ -295,6 +340,60 @@ def test_bf16_smoke(gpt2_pair, tmp_path):
         ids, mask, dec = t5_inputs()
         out = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+FP16_TOL = 0.1  # see test_t5_fp16_keeps_wo_fp32_like_transformers
+
+
+def test_t5_fp16_keeps_wo_fp32_like_transformers(tmp_path):
+    """In fp16, transformers keeps T5's `wo` in fp32 (_keep_in_fp32_modules) and casts the FF hidden state to it, so
+    an overflowing FF output (flan / lm-adapt; here wo x 1e5) stays finite and makes the residual stream fp32.
+    Measured max |ours - transformers| (|logits| ~ 20, fp16 ulp there 1/64): 0.023 / 0.045 / 0.0625 with wo x 1 /
+    1e3 / 1e5 (19.7 at 1e5 before wo was kept fp32). All of it is the GELU: ours is torch's fused tanh-GELU,
+    transformers' gelu_new a formula evaluated in fp16 ops; with that formula swapped in the difference is exactly
+    0. FP16_TOL = 0.1 (~6 ulps) covers the 0.0625 measured."""
+    ref = hf_t5(T5_V11)
+    with torch.no_grad():
+        for stack in (ref.encoder, ref.decoder):
+            for block in stack.block:
+                block.layer[-1].DenseReluDense.wo.weight.mul_(1e5)
+    folder = write_checkpoint(tmp_path, T5_V11, ref.state_dict())
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float16).eval()
+    ours = model.from_pretrained(folder, dtype="fp16")
+    wo = {n for n, p in ours.named_parameters() if p.dtype == torch.float32}
+    assert wo == {n for n, _ in ours.named_parameters() if n.endswith(".DenseReluDense.wo.weight")} and len(wo) == 5
+    assert {p.dtype for n, p in ours.named_parameters() if n not in wo} == {torch.float16}
+    ids, mask, dec = t5_inputs()
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        exp = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert maxdiff(got, exp) <= FP16_TOL
+        from transformers.activations import ACT2FN
+        for m in ours.modules():  # transformers' fp16 GELU arithmetic: then bit-identical
+            if isinstance(m, model.T5DenseReluDense):
+                m.act = ACT2FN["gelu_new"]
+        assert maxdiff(ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, exp) == 0
+
+
+def test_cast_keeps_t5_wo_fp32_in_fp16_only(tmp_path):
+    """model.cast(module, dtype): .to(dtype) but T5's `wo` stays fp32 in fp16, also inside a wrapper (mend.MEND);
+    casting an fp32 model equals loading in fp16; bf16 casts everything, like transformers."""
+    folder = write_checkpoint(tmp_path, T5_V11, hf_t5(T5_V11).state_dict())
+    wrapper = torch.nn.ModuleDict(dict(t5=model.from_pretrained(folder), proj=torch.nn.Linear(4, 4)))
+    assert model.cast(wrapper, "fp16") is wrapper
+    dtypes = {n: p.dtype for n, p in wrapper.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {
+        f"t5.{s}.block.{i}.layer.{j}.DenseReluDense.wo.weight" for s, n, j in (("encoder", 2, 1), ("decoder", 3, 2))
+        for i in range(n)}
+    assert {d for d in dtypes.values()} == {torch.float16, torch.float32} and wrapper.proj.weight.dtype == torch.float16
+    ids, mask, dec = t5_inputs()
+    with torch.no_grad():
+        got = wrapper.t5(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        loaded = model.from_pretrained(folder, dtype=torch.float16)
+        assert maxdiff(got, loaded(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits) == 0
+    assert {p.dtype for p in model.cast(wrapper, torch.bfloat16).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.cast(wrapper, "fp32", "cpu").parameters()} == {torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,8 +445,102 @@ def test_error_untied_gpt2_head(tmp_path):
     ref = hf_gpt2()
     sd = {**ref.state_dict(), "lm_head.weight": torch.zeros(120, 32)}
     folder = write_checkpoint(tmp_path, GPT2_CFG, sd)
-    with pytest.raises(ValueError, match=re.escape("lm_head.weight different from transformer.wte.weight")):
+    with pytest.raises(ValueError) as e:
         model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: lm_head.weight (120, 32) differs from "
+                            "transformer.wte.weight (120, 32) but the head is tied (untied GPT-2 heads are not "
+                            "supported); expected equal tensors")
+
+
+def test_error_t5_tied_head_differs_from_embeddings(tmp_path):
+    """v1.0 (tie_word_embeddings=true) with a checkpoint lm_head.weight that is not the embeddings: refused, not
+    silently replaced by them; an equal one (the duplicated_embeddings layout) loads."""
+    sd = {**hf_t5(T5_V10).state_dict(), "lm_head.weight": torch.zeros(120, 32)}
+    folder = write_checkpoint(tmp_path, T5_V10, sd, "sharded")
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder}: lm_head.weight (120, 32) differs from shared.weight (120, 32) but the head "
+                            "is tied (config.json: tie_word_embeddings=true); expected equal tensors")
+
+
+def test_error_mixed_key_layouts(tmp_path):
+    """`transformer.wte.weight` and `wte.weight` in one file map to one parameter: refused (was: the last one won)."""
+    sd = dict(hf_gpt2().state_dict())
+    sd["wte.weight"] = torch.zeros(120, 32)
+    folder = write_checkpoint(tmp_path, GPT2_CFG, sd)
+    with pytest.raises(ValueError) as e:
+        model.from_pretrained(folder)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: checkpoint tensors 'transformer.wte.weight' and "
+                            "'wte.weight' both map to 'transformer.wte.weight' (expected one key layout, not a mix)")
+
+
+def _write(folder, files: dict):  # {name: bytes or str}
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return folder
+
+
+def test_error_malformed_files_name_the_file(tmp_path):
+    sd = {k: v.contiguous() for k, v in hf_gpt2().state_dict().items() if k != "lm_head.weight"}
+    cfg = json.dumps(GPT2_CFG)
+    save_file(sd, str(tmp_path / "good.safetensors"))
+    good = (tmp_path / "good.safetensors").read_bytes()
+    index = "model.safetensors.index.json"
+    cases = {
+        "config": ({"config.json": '{"model_type": "gpt2",', "model.safetensors": good},
+                   "config.json: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 23 "
+                   "(char 22)); expected a JSON object of model settings"),
+        "config_list": ({"config.json": "[1]", "model.safetensors": good},
+                        "config.json: a JSON list, expected a JSON object of model settings"),
+        "config_type": ({"config.json": json.dumps({**GPT2_CFG, "n_layer": "1"}), "model.safetensors": good},
+                        "config.json: 'n_layer' is '1', expected int"),
+        "index": ({"config.json": cfg, index: "{", "model-00001-of-00001.safetensors": good},
+                  f"{index}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+                  '(char 1)); expected {"weight_map": {tensor name: shard file}}'),
+        "index_no_map": ({"config.json": cfg, index: '{"metadata": {}}', "model-00001-of-00001.safetensors": good},
+                         f'{index}: no "weight_map" object, expected {{"weight_map": {{tensor name: shard file}}}}'),
+        "safetensors": ({"config.json": cfg, "model.safetensors": b"garbage"},
+                        "model.safetensors: not a readable safetensors file (Error while deserializing header: "
+                        "header too small); expected the file safetensors.save_file writes"),
+        "bin": ({"config.json": cfg, "pytorch_model.bin": b"garbage"},
+                "pytorch_model.bin: not a readable PyTorch checkpoint (Unsupported operand 103); expected the file "
+                "torch.save writes"),
+    }
+    for name, (files, msg) in cases.items():
+        folder = _write(tmp_path / name, files)
+        with pytest.raises(ValueError) as e:
+            model.from_pretrained(folder)
+        assert str(e.value) == f"{folder}/{msg}", name
+    with pytest.raises(ValueError, match=re.escape("build_model(config): 'scale_attn_weights' is 1, expected bool")):
+        model.build_model(dict(GPT2_CFG, scale_attn_weights=1))
+    with pytest.raises(ValueError, match=re.escape("build_model(config): 'n_inner' is 64.0, expected int or null")):
+        model.build_model(dict(GPT2_CFG, n_inner=64.0))
+    # ints for floats (JSON writes 1e-05 as written, 1.0 may come as 1), null / list token ids (never read) are fine
+    m = model.build_model(dict(GPT2_CFG, layer_norm_epsilon=1, bos_token_id=None, eos_token_id=[1, 2]))
+    assert m.config.layer_norm_epsilon == 1 and m.config.eos_token_id == [1, 2]
+
+
+def test_dtype_names_and_errors():
+    assert model._dtype("bf16") is torch.bfloat16 and model._dtype("float16") is torch.float16
+    assert model._dtype(torch.float64) is torch.float64
+    for bad in ("fp8", "int8", torch.int64, torch.bool, None):
+        with pytest.raises(ValueError) as e:
+            model._dtype(bad)
+        assert str(e.value) == f"model.py: dtype must be a floating torch dtype or one of fp32/fp16/bf16, got {bad!r}"
+
+
+def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), replace(a, b)))
+    model._atomic_write(tmp_path / "x.json", lambda p: p.write_text("{}"))
+    tmp = str(tmp_path / f".x.json.tmp{os.getpid()}")
+    assert events == [("fsync", tmp), ("replace", tmp)] and (tmp_path / "x.json").read_text() == "{}"
 
 
 def test_error_unsupported_model_type_and_no_weights(tmp_path):
@@ -445,14 +638,25 @@ def test_real_third_party_checkpoint_matches_transformers():
 
 
 def test_t5_fp16_activations_are_clamped_not_inf():
-    """transformers' T5 clamps fp16 hidden states after every sub-layer; without it t5-lm-adapt/flan overflow."""
-    class Big(torch.nn.Module):  # the sub-layer's output: 40000 x the (unit-RMS) normalised input
-        def forward(self, h):
-            return h * 40000
+    """transformers' T5 clamps fp16 hidden states after every sub-layer, to +-(max - 1000) when one is inf and to
+    +-max otherwise (finite values pass unchanged); an fp32 sub-layer output (an fp32 `wo`) gives an fp32 stream,
+    never clamped."""
+    class Big(torch.nn.Module):  # the sub-layer's output: c x the (unit-RMS) normalised input, in `dtype`
+        def __init__(self, c, dtype=None):
+            super().__init__()
+            self.c, self.dtype = c, dtype
 
-    sub = model.T5SubLayer(model.T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2,
-                                          dropout_rate=0.0), "DenseReluDense", Big())
+        def forward(self, h):
+            return h.to(self.dtype or h.dtype) * self.c
+
+    cfg = model.T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2, dropout_rate=0.0)
+    sub = lambda c, dtype=None: model.T5SubLayer(cfg, "DenseReluDense", Big(c, dtype))  # noqa: E731
     x = torch.full((1, 2, 4), 40000.0)
-    assert sub(x).max().item() == 80000.0                      # fp32: untouched (above fp16's range)
-    y = sub.half()(x.half())
-    assert torch.isfinite(y).all() and y.max().item() == torch.tensor(65504.0 - 1000, dtype=torch.float16).item()
+    assert sub(40000)(x).max().item() == 80000.0                 # fp32: untouched (above fp16's range)
+    y = sub(40000).half()(x.half())                              # 80000 -> inf in fp16 -> clamped
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert y.max().item() == torch.tensor(65504.0 - 1000, dtype=torch.float16).item() == 64512.0
+    y = sub(32736).half()(torch.full((1, 2, 4), 32768.0, dtype=torch.float16))  # 65504: fp16's max, finite
+    assert y.dtype == torch.float16 and y.max().item() == 65504.0  # kept (an unconditional clamp gave 64512)
+    y = sub(40000, torch.float32).half()(x.half())               # fp32 output: the stream is promoted to fp32
+    assert y.dtype == torch.float32 and y.max().item() == 80000.0
