@@ -57,17 +57,30 @@ def _llm_key(name):
     return str(name).strip().rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
 
 
+def _fsync(path):
+    """Force a written file (or a folder's entries) to disk: fsync before os.replace, so a crash or power loss
+    never leaves the new name pointing at an empty or partial file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path, obj):
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _save_weights_atomic(module, path):
     tmp = Path(str(path) + ".tmp")
     save_model(module, str(tmp))    # drops the duplicate names of tied weights (wte/lm_head, shared/embed_tokens)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -201,7 +214,7 @@ class MEND(nn.Module):
             m = cls(distiller, cfg["d_llm"], l=cfg["l"], init=cfg["init"], llm_name=cfg["llm_name"],
                     distiller_name=cfg["distiller_name"], projection=cfg["projection"])
         load_model(m, str(Path(ckpt_dir) / "model.safetensors"), strict=True)
-        return m.to(dtype=model._dtype(dtype), device=device).eval()   # dtype: torch dtype or "fp32"/"bf16"/"fp16"
+        return model.cast(m, dtype, device).eval()   # dtype: torch dtype or "fp32"/"bf16"/"fp16"; T5 wo fp32 in fp16
 
 
 class PromptTuning(nn.Module):
@@ -242,7 +255,7 @@ class PromptTuning(nn.Module):
         _check_llm(ckpt_dir, cfg, llm_name)
         m = cls(cfg["l"], cfg["d_llm"], llm_name=cfg["llm_name"], init_embeddings=torch.zeros(cfg["l"], cfg["d_llm"]))
         load_model(m, str(Path(ckpt_dir) / "model.safetensors"), strict=True)
-        return m.to(dtype=model._dtype(dtype), device=device).eval()   # dtype: torch dtype or "fp32"/"bf16"/"fp16"
+        return model.cast(m, dtype, device).eval()   # dtype: torch dtype or "fp32"/"bf16"/"fp16"; T5 wo fp32 in fp16
 
 
 def load(ckpt_dir, llm_name=None, dtype=torch.float32, device="cpu"):

@@ -90,14 +90,14 @@ class TrainConfig:
     batch_size: int = 1                 # episodes per micro-batch per process
     grad_accum: int = 1                 # micro-batches per optimizer step
     grad_clip: float = 1.0              # max grad norm (0 = no clipping)
-    eval_every: int = 2000              # validation every N steps (0 = never; best = the final module)
+    eval_every: int = 2000              # validation every N steps and at the last (0 = never; best = the final module)
     save_every: int = 2000              # {out}/last every N steps (and at the end)
     patience: int = 5                   # early stopping: validations without improvement (0 = never stop)
     val_tasks: int = 0                  # validate on the first N (task, seed) entries (0 = all)
     val_max_queries: int = 0            # queries per task for validation (0 = all)
     val_batch_size: int = 16            # (query, option) rows per forward in validation
     precision: str = "auto"             # autocast: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    llm_dtype: str = "fp32"             # frozen LLM weights: fp32 | bf16 | fp16 (the official code used int8)
+    llm_dtype: str = "fp32"             # frozen LLM weights: fp32 | bf16 | fp16 (GradScaler on; official: int8)
     device: str = ""                    # '' = cuda if available else cpu (cuda:LOCAL_RANK under torchrun)
     seed: int = 100                     # data order and init (official --seed 100)
     log_every: int = 10
@@ -186,16 +186,23 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                           ("template", data.TEMPLATES)):
         if getattr(cfg, name) not in choices:
             _fail(f"--{name} {getattr(cfg, name)!r}: expected one of {', '.join(choices)}")
-    for name in ("l", "k", "max_steps", "batch_size", "grad_accum", "log_every", "val_batch_size"):
-        if getattr(cfg, name) < 1:
-            _fail(f"--{name} {getattr(cfg, name)}: expected >= 1")
-    for name in ("eval_every", "save_every", "patience", "val_tasks", "val_max_queries", "warmup_steps", "stop_at"):
-        if getattr(cfg, name) < 0:
-            _fail(f"--{name} {getattr(cfg, name)}: expected >= 0")
-    if not 0.0 < cfg.beta < 1.0:
-        _fail(f"--beta {cfg.beta}: expected 0 < beta < 1")
-    if cfg.lr <= 0 or cfg.grad_clip < 0:
-        _fail("--lr: expected > 0; --grad_clip: expected >= 0")
+    # numbers: each flag on its own -> "argument --X: expected ..., got V" (NaN and inf are never accepted)
+    checks = [(name, getattr(cfg, name) >= 1, ">= 1") for name in ("l", "k", "max_steps", "batch_size",
+                                                                   "grad_accum", "log_every", "val_batch_size",
+                                                                   "max_len")]
+    checks += [(name, getattr(cfg, name) >= 0, ">= 0") for name in ("eval_every", "save_every", "patience",
+                                                                    "val_tasks", "val_max_queries", "warmup_steps",
+                                                                    "stop_at", "lam", "gamma", "weight_decay")]
+    checks += [("min_len", 2 <= cfg.min_len <= cfg.max_len, f"2 <= min_len <= --max_len ({cfg.max_len})"),
+               ("beta", 0 < cfg.beta < 1, "0 < beta < 1"),
+               ("lr", cfg.lr > 0, "> 0"),
+               ("temperature", cfg.temperature > 0, "> 0"),
+               ("adam_eps", cfg.adam_eps > 0, "> 0"),
+               ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0 = no clipping)")]
+    for name, ok, expected in checks:
+        value = getattr(cfg, name)
+        if not (ok and math.isfinite(value)):
+            _fail(f"argument --{name}: expected {expected}, got {value}")
     if cfg.resume and cfg.overwrite:
         _fail("--resume and --overwrite: expected at most one of them")
     return cfg
@@ -370,6 +377,8 @@ def atomic_save_dir(dst: Path, write) -> None:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        for path in sorted(tmp.rglob("*")) + [tmp]:  # on disk before the rename: a power loss never swaps in
+            mend._fsync(path)                           # a folder of empty files
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -377,6 +386,7 @@ def atomic_save_dir(dst: Path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(tmp, dst)
+    mend._fsync(dst.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -509,7 +519,37 @@ def _truncate_log(path: Path, step: int) -> None:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
+    mend._fsync(tmp)
     os.replace(tmp, path)
+
+
+# what a run leaves in --out: any of them refuses a fresh run without --resume or --overwrite
+RUN_FILES = ("last", "best", ".last.old", ".best.old", "log.jsonl")
+# the flags --resume may change: cadence, logging and placement, which the steps' math does not depend on
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "save_every", "stop_at", "device", "val_batch_size")
+
+
+def check_resume(cfg: TrainConfig, state: dict, last: Path, precision: str) -> None:
+    """--resume continues the same run: every flag outside RESUME_MAY_CHANGE must equal the checkpoint's. LLM names
+    are compared as mend._llm_key, folders by the path they resolve to, and --precision by what autocast runs in
+    (auto is bf16 on CUDA, fp32 on CPU)."""
+    saved, given = dict(state["config"]), asdict(cfg)
+    if mend._llm_key(saved["llm"]) != mend._llm_key(cfg.llm):
+        _fail(f"--resume: {last} was trained for --llm {saved['llm']!r}: expected --llm {cfg.llm!r}")
+    if "precision" in state:
+        saved["precision"], given["precision"] = state["precision"], precision
+
+    def same(key):
+        a, b = list(_tuple(saved[key])), list(_tuple(given[key]))
+        if key in ("init", "data_dir", "c4", "distiller"):
+            a, b = [[os.path.realpath(x) if x and not x.startswith("hub:") else x for x in v] for v in (a, b)]
+        return a == b
+
+    diff = [f"--{key} {saved[key]!r} (given {given[key]!r})" for key in given
+            if key not in RESUME_MAY_CHANGE + ("out", "resume", "overwrite", "llm") and key in saved and not same(key)]
+    if diff:
+        _fail(f"--resume: {last} was trained with {', '.join(diff)}: expected the same values (only "
+              f"{', '.join('--' + k for k in RESUME_MAY_CHANGE)} may change on resume)")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -517,21 +557,24 @@ def train(cfg: TrainConfig) -> dict:
     master = rank == 0
     setting = resolve_split(cfg)
     out = default_out(cfg, setting)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     last = load_dir(out / "last")
+    found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume and not (last / STATE_FILE).is_file():
+        if found:  # killed before its first save: best/ and log.jsonl, nothing to continue from
+            _fail(f"--resume: expected a checkpoint at {out / 'last'} (none found; --out holds only "
+                  f"{', '.join(found)}): use --overwrite to restart the run")
         _fail(f"--resume: expected a checkpoint at {out / 'last'} (none found); drop --resume to start a new run")
-    if not cfg.resume and not cfg.overwrite and (last / STATE_FILE).is_file():
-        _fail(f"--out {str(out)!r} already holds a run: expected --resume to continue it or --overwrite to restart")
+    if not cfg.resume and not cfg.overwrite and found:
+        if (last / STATE_FILE).is_file():
+            _fail(f"--out {str(out)!r} already holds a run: expected --resume to continue it or --overwrite to "
+                  f"restart")
+        _fail(f"--out {str(out)!r} already holds a run without a checkpoint ({', '.join(found)}): expected "
+              f"--overwrite to restart it (or another --out)")
     state = None
     if cfg.resume:
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
-        saved = state["config"]
-        if mend._llm_key(saved["llm"]) != mend._llm_key(cfg.llm):
-            _fail(f"--resume: {last} was trained for --llm {saved['llm']!r}: expected --llm {cfg.llm!r}")
-        for key in ("stage", "method", "objective", "l", "k", "beta", "lam", "gamma", "temperature", "kl_window",
-                    "batch_size", "grad_accum", "lr", "schedule", "max_len", "template"):
-            if saved.get(key, getattr(cfg, key)) != getattr(cfg, key):
-                _fail(f"--resume: {last} has --{key} {saved[key]!r}: expected the same --{key} (got {getattr(cfg, key)!r})")
+        check_resume(cfg, state, last, precision)
 
     llm, tokenizer = load_llm(cfg, device)
     if cfg.resume:
@@ -548,22 +591,24 @@ def train(cfg: TrainConfig) -> dict:
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else nullcontext()
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    # fp16 anywhere in the backward pass (autocast or the frozen LLM's weights): gradients below 6e-8 flush to 0
+    # unless the loss is scaled, so the GradScaler runs whenever either is fp16
+    scaler = torch.amp.GradScaler(device.type) if "fp16" in (precision, cfg.llm_dtype) else None
     trainable = module
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
         trainable = _DistillVia(ddp)
 
-    step, best, best_step, bad_evals, skipped_total = 0, -math.inf, 0, 0, 0
+    step, best, best_step, bad_evals, skipped_total, val_step = 0, -math.inf, 0, 0, 0, -1
+    window, n_win = {}, 0  # summed loss terms since the last progress line (this rank), and their step count
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         step, best, best_step = state["step"], state["best"], state["best_step"]
-        bad_evals, skipped_total = state["bad_evals"], state["skipped"]
+        bad_evals, skipped_total, val_step = state["bad_evals"], state["skipped"], state.get("val_step", -1)
         if state.get("early_stopped"):
             if master:
                 print(f"[train] {last} ended by early stopping at step {step}: nothing to resume")
@@ -575,6 +620,8 @@ def train(cfg: TrainConfig) -> dict:
         except data.DataError as e:
             _fail(f"--resume: data position of {last}: {e}")
         _set_rng_state(mine["rng"])
+        window = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in mine.get("window", {}).items()}
+        n_win = mine.get("n_win", 0)  # the first progress line after a resume averages the same steps as without
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout streams (rank 0 = the single-process run)
 
@@ -584,9 +631,11 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.resume:
             _truncate_log(log_path, step)
         else:  # a fresh run (--overwrite): the old run's log and checkpoints go
-            log_path.unlink(missing_ok=True)
-            for name in ("last", "best", ".last.old", ".best.old"):
-                shutil.rmtree(out / name, ignore_errors=True)
+            for path in (out / name for name in RUN_FILES):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         n_train = sum(p.numel() for p in params)
         print(f"[train] {cfg.stage}/{cfg.objective} method={cfg.run_name()} llm={cfg.llm} "
               f"distiller={cfg.distiller if cfg.method == 'mend' else '-'} split={setting} world={world} "
@@ -595,15 +644,17 @@ def train(cfg: TrainConfig) -> dict:
               + (f" (resumed at step {step})" if cfg.resume else ""))
 
     def snapshot():
-        per_rank = _gather({"data": stream.state_dict(), "rng": _rng_state()}, world)
+        per_rank = _gather({"data": stream.state_dict(), "rng": _rng_state(), "n_win": n_win,
+                            "window": {k: float(v) for k, v in window.items()}}, world)
         if master:
             save_last(out, module, opt, sched, scaler,
                       {"step": step, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                       "skipped": skipped_total, "early_stopped": stopped_early, "config": asdict(cfg),
-                       "world_size": world}, per_rank)
+                       "skipped": skipped_total, "early_stopped": stopped_early, "val_step": val_step,
+                       "precision": precision, "config": asdict(cfg), "world_size": world}, per_rank)
 
     def evaluate():
-        nonlocal best, best_step, bad_evals
+        nonlocal best, best_step, bad_evals, val_step
+        val_step = step
         with amp:
             score = validate(cfg, llm, module, val_tasks, rank, world)
         improved = score > best
@@ -620,8 +671,7 @@ def train(cfg: TrainConfig) -> dict:
                                    "best_step": best_step, "bad_evals": bad_evals})
         return cfg.patience > 0 and bad_evals >= cfg.patience
 
-    window = {}  # summed loss terms since the last progress line (this rank)
-    n_win, tok_win, t_win, t_start, step0 = 0, 0, time.time(), time.time(), step
+    tok_win, t_win, t_start, step0 = 0, time.time(), time.time(), step
     stopped_early, losses_seen = False, []
     while step < cfg.max_steps:
         for micro in range(cfg.grad_accum):
@@ -681,6 +731,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             snapshot()
 
+    if val_tasks and val_step != step:  # the steps after the last validation (or all of them) count too
+        evaluate()
     snapshot()
     if not val_tasks and master:  # no validation: the final module is the one eval.py gets
         save_best(out, module, {"step": step, "val_score": None, "split": setting, "config": asdict(cfg)})
@@ -689,7 +741,8 @@ def train(cfg: TrainConfig) -> dict:
     if master:
         print(f"[train] done at step {step} in {_fmt_time(time.time() - t_start)}; best dev score "
               f"{best if val_tasks else float('nan'):.2f} at step {best_step}; skipped steps {skipped_total}; "
-              f"best module in {out / 'best'}")
+              + (f"best module in {out / 'best'}" if (out / "best").is_dir() else "no best module (no finite "
+                 "dev score)"))
     return {"out": str(out), "step": step, "best": best, "best_step": best_step, "early_stopped": stopped_early,
             "skipped": skipped_total, "log": losses_seen}
 

@@ -50,6 +50,18 @@ def tiny_c4(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def flat_gpt2_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny GPT-2 LLM with init std 1e-4: nearly uniform next-token distributions, so L_distill and its
+    gradients are tiny (grad norm ~3e-7), below what fp16 activations hold without loss scaling."""
+    cfg = dict(model_type="gpt2", vocab_size=tiny_tokenizer.get_vocab_size(), n_positions=512, n_embd=64,
+               n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1, initializer_range=1e-4)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("flat-gpt2")
+    model.save_pretrained(model.build_model(cfg), out, tokenizer=tiny_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_gpt2_nodrop_dir(tmp_path_factory, tiny_tokenizer):
     """A d=32 GPT-2 distiller without dropout (so DDP and single-process runs draw no random masks)."""
     cfg = dict(model_type="gpt2", vocab_size=tiny_tokenizer.get_vocab_size(), n_positions=512, n_embd=32,
@@ -198,6 +210,31 @@ def test_truncate_log_drops_a_half_written_line(tmp_path):
     assert log.read_text() == '{"type": "train", "step": 1}\n'
 
 
+def _val_steps(out):
+    return [r["step"] for r in map(json.loads, open(Path(out) / "log.jsonl")) if r["type"] == "val"]
+
+
+def test_the_final_step_is_always_validated(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, tmp_path,
+                                            capsys):
+    """Validation on: the last step is validated even when --eval_every does not divide --max_steps or exceeds it,
+    so best/ exists and covers the whole run, and the final summary names it truthfully."""
+    def run(out, *a):
+        return train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, out, "--stage",
+                                 "finetune", "--split", "tiny", "--lr", "1e-2", *a))
+
+    once = tmp_path / "once"                          # --eval_every 10 > --max_steps 3: the cadence never fires
+    r = run(once, "--max_steps", "3", "--eval_every", "10")
+    info = json.load(open(once / "best" / "train_info.json"))
+    assert _val_steps(once) == [3] and r["best_step"] == info["step"] == 3 and info["val_score"] == r["best"]
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"best module in {once / 'best'}")
+    tail = tmp_path / "tail"                          # 5 steps, every 2: steps 2, 4 and the final 5
+    r = run(tail, "--max_steps", "5", "--eval_every", "2", "--patience", "0")
+    assert _val_steps(tail) == [2, 4, 5] and torch.load(tail / "last" / train.STATE_FILE,
+                                                        weights_only=False)["val_step"] == 5
+    r = run(tail, "--max_steps", "5", "--eval_every", "2", "--patience", "0", "--resume")  # a finished run
+    assert r["step"] == 5 and _val_steps(tail) == [2, 4, 5]                              # ... is not re-validated
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # exact resume, DDP equality
 
@@ -208,29 +245,71 @@ def _log(out):
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_resume_continues_exactly(stage, sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, tiny_c4,
                                   tmp_path):
-    """A run killed at step 5 (last checkpoint: step 3) and resumed gives the uninterrupted run's losses. The
-    distiller has dropout on (torch RNG), the data position matters (C4 stream / meta-train sampler), Adam moments,
-    the linear schedule and the early-stopping state are all restored."""
+    """A run killed at step 5 (last checkpoint: step 3) and resumed gives the uninterrupted run's log line for line.
+    The distiller has dropout on (torch RNG), the data position matters (C4 stream / meta-train sampler), Adam
+    moments, the linear schedule, the early-stopping state and the progress window (--log_every 2: the step-4 line
+    averages steps 3 and 4 across the restart) are all restored."""
     args = ["--stage", stage, "--split", "tiny", "--c4", str(tiny_c4), "--max_steps", "8", "--lr", "1e-2",
-            "--save_every", "3", "--eval_every", "2"]
+            "--save_every", "3", "--eval_every", "2", "--log_every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, full, *args))
     r = train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, cut, *args, "--stop_at", "5"))
-    assert r["stopped"] == "stop_at" and max(_log(cut)) == 5
-    assert torch.load(cut / "last" / train.STATE_FILE, weights_only=False)["step"] == 3
+    assert r["stopped"] == "stop_at" and max(_log(cut)) == 4
+    state = torch.load(cut / "last" / train.STATE_FILE, weights_only=False)
+    assert state["step"] == 3 and state["per_rank"][0]["n_win"] == 1 and set(state["per_rank"][0]["window"]) >= \
+        {"loss", "distill"}                                # step 3's terms, not yet logged
     train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, cut, *args, "--resume"))
-    a, b = _log(full), _log(cut)
-    assert sorted(a) == sorted(b) == list(range(1, 9))   # steps 4-5 were recomputed, not logged twice
-    for s in range(1, 9):
-        for key in ("loss", "distill", "lr", "grad_norm"):
-            if key in a[s]:
-                assert b[s][key] == pytest.approx(a[s][key], abs=1e-6, rel=0), (s, key)
+    lines = lambda out: [r for r in map(json.loads, open(out / "log.jsonl")) if r["type"] == "train"]
+    a, b = lines(full), lines(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]   # step 4 recomputed, not logged twice
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for key in ("loss", "distill", "pred", "lr", "grad_norm", "skipped"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6, rel=0), (ra["step"], key)
     from safetensors.torch import load_file
     wa, wb = load_file(full / "last" / "model.safetensors"), load_file(cut / "last" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     vals = lambda out: [(r["step"], r["val_score"], r["bad_evals"]) for r in map(json.loads, open(out / "log.jsonl"))
                         if r["type"] == "val"]
     assert vals(full) == vals(cut)
+
+
+def test_resume_refuses_changed_settings(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, tmp_path):
+    """--resume continues the same run: every flag that changes the steps' math must match the checkpoint (each
+    difference named, saved vs given); cadence and logging flags may change; the same folder spelled differently
+    is the same --data_dir."""
+    import shutil
+
+    out = tmp_path / "run"
+
+    def run(data_dir, *a):
+        return common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, data_dir, out, "--stage", "finetune", "--split", "tiny",
+                      "--max_steps", "4", "--eval_every", "0", "--save_every", "2", *a)
+
+    train.main(run(tiny_metaicl_dir, "--stop_at", "3"))                 # last/ at step 2
+    before = (out / "log.jsonl").read_text()
+    last, tail = out / "last", ("expected the same values (only --log_every, --eval_every, --save_every, --stop_at, "
+                                "--device, --val_batch_size may change on resume)")
+    msg = _exits(run(tiny_metaicl_dir, "--resume", "--max_steps", "6", "--warmup_steps", "1", "--grad_clip", "0.5",
+                     "--weight_decay", "0.1", "--llm_dtype", "bf16"))
+    assert msg == (f"train.py: --resume: {last} was trained with --weight_decay 0.0 (given 0.1), --warmup_steps 0 "
+                   f"(given 1), --max_steps 4 (given 6), --grad_clip 1.0 (given 0.5), --llm_dtype 'fp32' (given "
+                   f"'bf16'): {tail}")
+    assert _exits(run(tiny_metaicl_dir, "--resume", "--precision", "bf16", "--adam_eps", "1e-6")) == (
+        f"train.py: --resume: {last} was trained with --adam_eps 1e-08 (given 1e-06), --precision 'fp32' (given "
+        f"'bf16'): {tail}")
+    other = tmp_path / "other-metaicl"
+    shutil.copytree(tiny_metaicl_dir, other)
+    assert _exits(run(other, "--resume", "--init", str(out / "last"))) == (
+        f"train.py: --resume: {last} was trained with --init '' (given '{out / 'last'}'), --data_dir "
+        f"'{tiny_metaicl_dir}' (given '{other}'): {tail}")
+    assert (out / "log.jsonl").read_text() == before                      # nothing written by the refusals
+    assert sorted(p.name for p in out.iterdir()) == ["last", "log.jsonl"]
+    # allowed: the cadence and logging flags; --precision auto is what it resolved to (fp32 on CPU)
+    r = train.main(run(f"{tiny_metaicl_dir}/.", "--resume", "--log_every", "2", "--save_every", "1",
+                       "--precision", "fp32"))
+    assert r["step"] == 4 and sorted(_log(out)) == [1, 2, 4]
 
 
 def test_ddp_two_gloo_processes_match_one_process(sharp_gpt2_dir, tiny_gpt2_nodrop_dir, tiny_metaicl_dir, tmp_path):
@@ -264,7 +343,14 @@ def test_ddp_two_gloo_processes_match_one_process(sharp_gpt2_dir, tiny_gpt2_nodr
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_paths_on_cpu(precision, sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, tmp_path):
-    args = ["--stage", "finetune", "--split", "tiny", "--max_steps", "6", "--lr", "1e-2", "--eval_every", "3"]
+    import mend
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    mend.MEND(model.from_pretrained(tiny_gpt2_distiller_dir), 64, l=4, llm_name=str(sharp_gpt2_dir)).save(init)
+    args = ["--stage", "finetune", "--split", "tiny", "--max_steps", "6", "--lr", "1e-2", "--eval_every", "3",
+            "--init", str(init)]
     ref, amp = tmp_path / "fp32", tmp_path / precision
     train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, ref, *args, "--precision", "fp32"))
     r = train.main(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, amp, *args,
@@ -275,10 +361,29 @@ def test_autocast_paths_on_cpu(precision, sharp_gpt2_dir, tiny_gpt2_distiller_di
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in b.values())
     state = torch.load(amp / "last" / train.STATE_FILE, weights_only=False)
     assert (state["scaler"] is not None) == (precision == "fp16")      # GradScaler only for fp16
-    assert r["skipped"] == state["skipped"] == b[6]["skipped"]
-    from safetensors.torch import load_file
-    w = load_file(amp / "last" / "model.safetensors")
+    assert r["skipped"] == state["skipped"] == b[6]["skipped"] < 6                # at least one step was taken
+    w, w0 = load_file(amp / "last" / "model.safetensors"), load_file(init / "model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())  # fp32 master weights
+    assert (w["placeholders"] - w0["placeholders"]).abs().max() > 1e-3          # ... and it moved the weights
+    assert (w["proj.weight"] - w0["proj.weight"]).abs().max() > 1e-3
+
+
+def test_fp16_llm_weights_use_the_grad_scaler(flat_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, tmp_path):
+    """--llm_dtype fp16 under --precision fp32 backpropagates through fp16 LLM activations: without loss scaling
+    these L_distill gradients (norm ~3e-7) flush to exactly 0 (measured: grad norm 0.0 at both steps, the weights
+    never move). The GradScaler runs whenever fp16 is involved, so they match the fp32 LLM's."""
+    args = ["--stage", "finetune", "--split", "tiny", "--objective", "distill", "--max_steps", "2", "--eval_every",
+            "0", "--precision", "fp32"]
+    ref, half = tmp_path / "fp32", tmp_path / "fp16"
+    train.main(common(flat_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, ref, *args))
+    r = train.main(common(flat_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, half, *args,
+                          "--llm_dtype", "fp16"))
+    a, b = _log(ref), _log(half)
+    for s in (1, 2):
+        assert 1e-7 < a[s]["grad_norm"] < 1e-6                              # measured: 2.96e-7, 2.01e-7
+        assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=0.01), s   # measured: within 1e-3
+    assert r["skipped"] == 0
+    assert torch.load(half / "last" / train.STATE_FILE, weights_only=False)["scaler"] is not None
 
 
 @pytest.mark.parametrize("use_scaler", [False, True])
@@ -348,6 +453,50 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
     # a crash between the two renames (dst already moved aside): the previous checkpoint is still found
     os.replace(dst, tmp_path / ".last.old")
     assert train.load_dir(dst) == tmp_path / ".last.old"
+
+
+def test_atomic_writes_fsync_before_the_rename(tmp_path, monkeypatch):
+    """Every temp file (and every file of a temp folder) is fsynced before os.replace puts it in place, and the
+    parent folder after it: a power loss never leaves a checkpoint name pointing at empty or partial files."""
+    import mend
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    root = Path(os.path.realpath(tmp_path))
+    mend._write_json_atomic(root / "a.json", {"x": 1})
+    mend._save_weights_atomic(torch.nn.Linear(2, 2), root / "w.safetensors")
+    (root / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    train._truncate_log(root / "log.jsonl", 1)
+
+    def write(d):
+        (d / "sub").mkdir()
+        (d / "sub" / "b.txt").write_text("b")
+        (d / "c.txt").write_text("c")
+
+    train.atomic_save_dir(root / "last", write)
+    train.atomic_save_dir(root / "last", write)     # the second save moves the first aside (.last.old)
+    synced, renamed = set(), []
+    for kind, path in events:
+        if kind == "fsync":
+            synced.add(path)
+        elif path.endswith(".tmp"):
+            inside = [f"{path}/c.txt", f"{path}/sub/b.txt", f"{path}/sub"] if path.endswith(".last.tmp") else []
+            assert {path, *inside} <= synced, (path, synced)
+            renamed.append(Path(path).name)
+            synced.clear()                           # the next save must sync its own files again
+    assert renamed == ["a.json.tmp", "w.safetensors.tmp", "log.jsonl.tmp", ".last.tmp", ".last.tmp"]
+    assert events[-1] == ("fsync", str(root))       # the renames are flushed too
+    assert (root / "last" / "c.txt").read_text() == "c" and (root / "log.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_crash_while_saving_in_the_loop_then_resume(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir,
@@ -441,6 +590,62 @@ def test_user_error_exit_code_from_the_command_line(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == (f"train.py: --data_dir '{tmp_path / 'missing'}' does not exist: expected a MetaICL "
                                 "folder with config/ and data/ (needed for meta-train episodes)")
+
+
+def test_a_run_without_a_checkpoint_is_refused_not_wiped(sharp_gpt2_dir, tiny_gpt2_distiller_dir,
+                                                         tiny_metaicl_dir, tmp_path):
+    """A run killed before its first --save_every leaves best/ and log.jsonl only: a fresh run there is refused
+    (they are not deleted), --resume says why it cannot continue, --overwrite restarts. Any single leftover of a
+    run (last/, best/, their .old fallbacks, log.jsonl) counts."""
+    out = tmp_path / "run"
+    args = common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, out, "--stage", "finetune", "--split",
+                  "tiny", "--max_steps", "100", "--eval_every", "2", "--save_every", "50")
+    train.main(args + ["--stop_at", "2"])            # killed at step 2: validated, never saved
+    files = lambda: {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}  # noqa: E731
+    assert sorted(p.name for p in out.iterdir()) == ["best", "log.jsonl"]
+    before = files()
+    assert _exits(args) == (f"train.py: --out '{out}' already holds a run without a checkpoint (best, log.jsonl): "
+                            "expected --overwrite to restart it (or another --out)")
+    assert _exits(args + ["--resume"]) == (f"train.py: --resume: expected a checkpoint at {out / 'last'} (none "
+                                           "found; --out holds only best, log.jsonl): use --overwrite to restart "
+                                           "the run")
+    assert files() == before
+    for name in train.RUN_FILES:
+        only = tmp_path / f"only{name}"
+        only.mkdir()
+        if name == "log.jsonl":
+            (only / name).write_text('{"type": "train", "step": 1}\n')
+        else:
+            (only / name).mkdir()
+        msg = _exits(common(sharp_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir, only, "--stage", "finetune",
+                            "--split", "tiny"))
+        assert msg == (f"train.py: --out '{only}' already holds a run without a checkpoint ({name}): expected "
+                       "--overwrite to restart it (or another --out)")
+    train.main(args + ["--overwrite", "--stop_at", "1"])   # the old best/ and log go; nothing validated yet
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"] and sorted(_log(out)) == [1]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--temperature", "0"], "--temperature: expected > 0, got 0.0"),
+    (["--temperature", "-1"], "--temperature: expected > 0, got -1.0"),
+    (["--lam", "-1"], "--lam: expected >= 0, got -1.0"),
+    (["--gamma", "-0.5"], "--gamma: expected >= 0, got -0.5"),
+    (["--weight_decay", "-0.01"], "--weight_decay: expected >= 0, got -0.01"),
+    (["--adam_eps", "0"], "--adam_eps: expected > 0, got 0.0"),
+    (["--lr", "0"], "--lr: expected > 0, got 0.0"),
+    (["--lr", "nan"], "--lr: expected > 0, got nan"),
+    (["--grad_clip", "-1"], "--grad_clip: expected >= 0 (0 = no clipping), got -1.0"),
+    (["--min_len", "2000"], "--min_len: expected 2 <= min_len <= --max_len (1024), got 2000"),
+    (["--min_len", "1"], "--min_len: expected 2 <= min_len <= --max_len (1024), got 1"),
+    (["--max_len", "0"], "--max_len: expected >= 1, got 0"),
+    (["--beta", "1"], "--beta: expected 0 < beta < 1, got 1.0"),
+    (["--l", "0"], "--l: expected >= 1, got 0"),
+    (["--eval_every", "-1"], "--eval_every: expected >= 0, got -1"),
+])
+def test_numeric_flags_are_checked_one_by_one(flags, expected):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage", "pretrain", *flags])
+    assert e.value.code == f"train.py: argument {expected}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
