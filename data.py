@@ -65,6 +65,14 @@ class EpisodeBatch:
                                for f in fields(self)})
 
 
+def _check_state(owner, state, keys):
+    """A resume state must hold `keys` (what owner.state_dict() wrote): one clear line instead of a KeyError."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise DataError(f"{owner}.load_state_dict: expected keys {', '.join(keys)} (from {owner}.state_dict()), "
+                        f"missing {', '.join(missing)}")
+
+
 def _pad(seqs, pad_id):
     T = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -126,6 +134,11 @@ def _expand_c4_sources(sources):
     return out
 
 
+def _shard_name(source) -> str:
+    """A shard as the user would name it: its path, or hub:REPO/FILE for a hub shard."""
+    return f"hub:{source[1]}/{source[2]}" if isinstance(source, tuple) else str(source)
+
+
 def _open_shard(source):
     if isinstance(source, tuple):  # a hub shard, downloaded into the HF cache only when it is reached
         import huggingface_hub
@@ -172,6 +185,7 @@ class C4Stream:
                     rank=self.rank, world_size=self.world_size, n_shards=len(self.shards))
 
     def load_state_dict(self, state):
+        _check_state("C4Stream", state, ("epoch", "shard", "doc"))
         for key in ("seed", "world_size", "n_shards"):
             mine = self.state_dict()[key]
             if state.get(key, mine) != mine:
@@ -190,8 +204,12 @@ class C4Stream:
 
     def _read(self, source):
         path, f = _open_shard(source)
-        with f:
-            lines = f.read().split(b"\n")
+        try:
+            with f:
+                lines = f.read().split(b"\n")
+        except (OSError, EOFError, zlib.error) as e:  # truncated / not gzip / corrupt: gzip raises all three
+            what = "a gzip JSON-lines" if path.endswith(".gz") else "a readable JSON-lines"
+            raise DataError(f"{path}: expected {what} C4 shard ({type(e).__name__}: {e})") from None
         keep = np.array([i for i, line in enumerate(lines) if line.strip()], dtype=np.int64)
         return path, lines, keep
 
@@ -213,6 +231,9 @@ class C4Stream:
                             row = json.loads(lines[line_no])
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}:{line_no + 1}: expected a JSON object ({e.msg})") from None
+                        except UnicodeDecodeError as e:
+                            raise DataError(f"{path}:{line_no + 1}: expected UTF-8 text ({e.reason} at byte "
+                                            f"{e.start})") from None
                         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                             raise DataError(f"{path}:{line_no + 1}: expected a JSON object with a 'text' string")
                         texts.append(row["text"])
@@ -227,8 +248,10 @@ class C4Stream:
                         yield Episode(demo_ids=ids[:s], query_ids=[], target_ids=ids[s:], task="c4")
                 self.shard, self.doc = self.shard + 1, 0
             if not yielded_this_epoch:
-                raise DataError(f"{self.shards[0]}...: expected documents of >= min_len={self.min_len} tokens for "
-                                f"rank {self.rank}/{self.world_size}, found none in a whole epoch")
+                more = f" (and {len(self.shards) - 1} more shards)" if len(self.shards) > 1 else ""
+                raise DataError(f"{_shard_name(self.shards[0])}{more}: expected documents of >= min_len="
+                                f"{self.min_len} tokens for rank {self.rank}/{self.world_size}, found none in a "
+                                f"whole epoch")
             self.epoch, self.shard, yielded_this_epoch = self.epoch + 1, 0, False
 
 
@@ -279,9 +302,10 @@ def task_type(data_dir, task) -> str:
     return cfg["task_type"]
 
 
-def read_jsonl(path, ttype="free-form"):
+def read_jsonl(path, ttype="free-form", min_options=0):
     """Rows (input, output, options, gold) of one MetaICL file, validated; gold = options.index(output) or -1
-    when options is empty (free-form). Errors name the file and line."""
+    when options is empty (free-form). min_options=2 for meta-test queries (MetaICL asserts >= 2 options: with
+    fewer, the option "chosen" is always the gold). Errors name the file and line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: expected this MetaICL file (fields task, input, output, options)")
@@ -306,14 +330,20 @@ def read_jsonl(path, ttype="free-form"):
                 raise DataError(f"{path}:{n}: expected '{key}' to be a {typ.__name__}, "
                                 f"got {type(d[key]).__name__}")
         options = d["options"]
+        for o in options:
+            if not isinstance(o, str):
+                raise DataError(f"{path}:{n}: expected every option to be a str, got {type(o).__name__} {o!r}")
         if not options and ttype == "classification":
             raise DataError(f"{path}:{n}: expected non-empty 'options' for a classification task")
+        if len(options) < min_options:
+            raise DataError(f"{path}:{n}: expected >= {min_options} options for a meta-test query, "
+                            f"got {len(options)}")
         gold = -1
         if options:
             if d["output"] in options:
                 gold = options.index(d["output"])
             else:  # MetaICL compares stripped strings
-                stripped = [str(o).strip() for o in options]
+                stripped = [o.strip() for o in options]
                 if d["output"].strip() not in stripped:
                     raise DataError(f"{path}:{n}: expected 'output' {d['output']!r} to be one of 'options' "
                                     f"{options!r}")
@@ -363,9 +393,14 @@ def build_demonstrations(tokenizer, demos, template="space", max_len_per_example
     return ids, n_kept
 
 
+def _query_cap(answer_ids, max_len_per_example):
+    """Tokens x keeps: max_len_per_example - 2 - longest answer (MetaICL's rule), but never below MIN_QUERY_LEN."""
+    return max(max_len_per_example - 2 - max((len(a) for a in answer_ids), default=0), MIN_QUERY_LEN)
+
+
 def _encode_queries(tokenizer, pairs, template, max_len_per_example):
-    """[(x, answers)] -> [(x_ids, [answer_ids])]. x is a non-first input (it always follows a context) and is cut
-    at its end to max_len_per_example - 2 - longest answer (MetaICL's rule), but never below MIN_QUERY_LEN."""
+    """[(x, answers)] -> [(x_ids, [answer_ids])]. x is a non-first input (it follows a context: demonstrations or
+    soft vectors) and is cut at its end to _query_cap tokens."""
     texts = []
     for x, answers in pairs:
         texts.append(_input_text(x, False, template))
@@ -374,8 +409,7 @@ def _encode_queries(tokenizer, pairs, template, max_len_per_example):
     for _, answers in pairs:
         x_ids, ans = enc[p], enc[p + 1:p + 1 + len(answers)]
         p += 1 + len(answers)
-        cap = max(max_len_per_example - 2 - max((len(a) for a in ans), default=0), MIN_QUERY_LEN)
-        out.append((x_ids[:cap], ans))
+        out.append((x_ids[:_query_cap(ans, max_len_per_example)], ans))
     return out
 
 
@@ -395,7 +429,8 @@ class MetaTrainSampler:
     rng(seed, i): a task uniformly among the tasks with >= 2 rows, then K+1 distinct rows (fewer if the pool is
     smaller), the first K as demonstrations in drawn order and the last as (x, y). Rank r takes
     i = n * world_size + r at its n-th step, so the union over ranks equals one process's stream (same global
-    batch, same episodes).
+    batch, same episodes). A meta-train task that is also a meta-test task of the setting (sick in
+    non_nli_to_nli, in both lists of MetaICL's config) is dropped, with one printed line (self.dropped).
     state_dict() = the step n: exact resume.
     """
 
@@ -405,7 +440,11 @@ class MetaTrainSampler:
         if not 0 <= rank < world_size:
             raise DataError(f"MetaTrainSampler rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         data_dir = Path(data_dir)
-        self.setting, train_tasks, _ = read_setting(data_dir, setting)
+        self.setting, train_tasks, test_tasks = read_setting(data_dir, setting)
+        # a task in both lists (non_nli_to_nli names sick in both, as MetaICL's config does) is a meta-test task:
+        # its k=16 files are the meta-test demonstrations, so meta-training on it would leak them
+        self.dropped = [t for t in train_tasks if t in set(test_tasks)]
+        train_tasks = [t for t in train_tasks if t not in self.dropped]
         self.tokenizer, self.k, self.seed, self.template = tokenizer, k, seed, template
         self.rank, self.world_size = rank, world_size
         self.max_len_per_example, self.max_context, self.max_total = max_len_per_example, max_context, max_total
@@ -435,6 +474,9 @@ class MetaTrainSampler:
             raise DataError(f"{data_dir / 'data'}: expected files of the meta-train tasks of {self.setting} "
                             f"(data/{{task}}/{{task}}_16384_100_train.jsonl or _16_{{seed}}_train/dev.jsonl)")
         self.step = 0
+        if verbose and rank == 0 and self.dropped:
+            print(f"meta-train {self.setting}: dropped {', '.join(self.dropped)} from the meta-train tasks "
+                  f"(also meta-test tasks of {self.setting})")
         if verbose and rank == 0:
             n = sum(len(p) for p in self.pools)
             print(f"meta-train {self.setting}: {len(self.tasks)} tasks, {n:,} examples"
@@ -450,6 +492,7 @@ class MetaTrainSampler:
         return dict(step=self.step, seed=self.seed, rank=self.rank, world_size=self.world_size, k=self.k)
 
     def load_state_dict(self, state):
+        _check_state("MetaTrainSampler", state, ("step",))
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"MetaTrainSampler.load_state_dict: expected seed={self.seed}, got {state['seed']}")
         # a different world size resumes at the same global position
@@ -488,6 +531,8 @@ class Query:
     gold: int                # options.index(output)
     options: list            # option strings
     demo_ids: list = None    # per-query D (select = bm25 | dense); None: use MetaTestTask.demo_ids
+    zero_shot_ids: list = None  # x with nothing before it (zero-shot): MetaICL's first input, without the " " /
+                                # three-newline prefix (is_first = not use_demonstrations); None: as query_ids
 
 
 @dataclass
@@ -554,6 +599,8 @@ def load_meta_test(data_dir, setting, tokenizer, seeds=META_TEST_SEEDS, split="t
     tokenized. One D serves all queries of a (task, seed); its budget is min(max_context, max_total - longest
     x + option) so that the teacher's D+x+option fits max_total. select = bm25 | dense gives each query its own D
     chosen among that seed's train + dev rows (embed_fn(list of id lists) -> (N, d) array for dense).
+    Each query row needs >= 2 string options (MetaICL asserts it); k above the rows of a train file is refused.
+    Query.query_ids is x after a context (" x"); Query.zero_shot_ids is x with nothing before it (zero-shot).
     """
     _check_template(template)
     if perturb not in PERTURBATIONS:
@@ -587,17 +634,23 @@ def load_meta_test(data_dir, setting, tokenizer, seeds=META_TEST_SEEDS, split="t
             continue
         for seed, qpath in found:
             if qpath not in cache:  # parse and tokenize each query file once (the test file is shared by seeds)
-                rows = read_jsonl(qpath, ttype)
-                answers = [r[2] if r[2] else [r[1]] for r in rows]  # free-form rows: the gold is the only option
-                enc = _encode_queries(tokenizer, [(r[0], a) for r, a in zip(rows, answers)], template,
-                                      max_len_per_example)
+                rows = read_jsonl(qpath, ttype, min_options=2)
+                enc = _encode_queries(tokenizer, [(r[0], r[2]) for r in rows], template, max_len_per_example)
                 # D's budget leaves room for the longest x + option of the WHOLE file, so D does not depend on
                 # --max_queries (smoke runs and validation see the demonstrations of the full evaluation)
                 longest = max((len(x) + max(len(o) for o in opts) for x, opts in enc), default=0)
                 n = len(rows) if max_queries is None else max_queries
-                cache[qpath] = (rows[:n], answers[:n], enc[:n], longest)
-            rows, answers, enc, longest = cache[qpath]
-            train = read_jsonl(folder / f"{task}_16_{seed}_train.jsonl", ttype)
+                rows, enc = rows[:n], enc[:n]
+                # zero-shot: nothing precedes x, so MetaICL formats it as a first input (no prefix), same cut
+                zero = _encode(tokenizer, [_input_text(r[0], True, template) for r in rows])
+                zero = [z[:_query_cap(opts, max_len_per_example)] for z, (_, opts) in zip(zero, enc)]
+                cache[qpath] = (rows, enc, zero, longest)
+            rows, enc, zero, longest = cache[qpath]
+            tpath = folder / f"{task}_16_{seed}_train.jsonl"
+            train = read_jsonl(tpath, ttype)
+            if k > len(train):  # would silently use fewer demonstrations than the run records
+                raise DataError(f"{tpath}: --k {k}: expected k <= {len(train)}, the number of rows of this train "
+                                f"file")
             rng = np.random.default_rng([perturb_seed, seed, zlib.crc32(task.encode())])
             budget = max(0, max_context if max_total is None else min(max_context, max_total - longest))
             demo_ids, n_demos = build_demonstrations(tokenizer, _perturb(train[:k], perturb, rng), template,
@@ -619,8 +672,8 @@ def load_meta_test(data_dir, setting, tokenizer, seeds=META_TEST_SEEDS, split="t
                 for qi, sel in enumerate(chosen):
                     per_query[qi] = build_demonstrations(tokenizer, _perturb([pool[i] for i in sel], perturb, rng),
                                                          template, max_len_per_example, budget)[0]
-            queries = [Query(query_ids=x, option_ids=opts, gold=max(r[3], 0), options=a, demo_ids=d)
-                       for (x, opts), r, a, d in zip(enc, rows, answers, per_query)]
+            queries = [Query(query_ids=x, option_ids=opts, gold=r[3], options=r[2], demo_ids=d, zero_shot_ids=z)
+                       for (x, opts), z, r, d in zip(enc, zero, rows, per_query)]
             tasks.append(MetaTestTask(task=task, seed=seed, split=split, task_type=ttype, demo_ids=demo_ids,
                                       queries=queries, n_demos=n_demos))
     if verbose:

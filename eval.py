@@ -12,6 +12,8 @@ Protocol: for each meta-test task of --split and each seed (100, 13, 21, 42, 87;
 16 train rows of that seed are the demonstrations, every test row is a query; each option is scored by the mean
 log-likelihood of its tokens (MetaICL's length-normalised scoring), the prediction is the best option. Per task:
 MetaICL's macro-F1 (classification) or accuracy (the rest), mean and std over seeds; then the mean over tasks.
+Table 2's AVG +- std: per seed the mean over tasks, then mean and (population) std over seeds. Zero-shot scores x
+as MetaICL's first input (no " " / three-newline prefix: nothing precedes it); the other methods keep the prefix.
 
 Top to bottom: metrics and aggregation; option scoring (score_queries: the one place options are scored, with the
 shared prefix computed once as a KV cache for decoder-only LLMs and the encoder run once per query for T5);
@@ -25,7 +27,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +86,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(per_seed: dict[str, dict[int, float]]) -> dict:
-    """{task: {seed: score}} -> {"tasks": {task: {"mean", "std", "seeds"}}, "avg"}: per-task mean +- std over seeds,
-    then the plain mean of the per-task means, each task counted once (the official code's substring match counts
-    some QA tasks two or three times; official-code-notes 6.4)."""
+    """{task: {seed: score}} -> {"tasks": {task: {"mean", "std", "seeds"}}, "avg", "avg_std", "avg_seeds"}.
+
+    Per task: mean +- std over seeds. avg: the plain mean of the per-task means, each task counted once (the
+    official code's substring match counts some QA tasks two or three times; official-code-notes 6.4).
+    Table 2's AVG +- std: avg_seeds = per seed, the mean over the tasks scored with that seed; avg_std = their
+    population std (ddof=0, like the per-task std). Their mean equals avg when every task has every seed."""
     tasks = {t: dict(zip(("mean", "std"), mean_std(list(s.values()))), seeds=dict(s)) for t, s in per_seed.items()}
-    avg = float(np.mean([r["mean"] for r in tasks.values()])) if tasks else float("nan")
-    return {"tasks": tasks, "avg": avg}
+    if not tasks:
+        return {"tasks": {}, "avg": float("nan"), "avg_std": float("nan"), "avg_seeds": {}}
+    by_seed: dict[int, list[float]] = {}
+    for s in per_seed.values():
+        for seed, score in s.items():
+            by_seed.setdefault(seed, []).append(score)
+    avg_seeds = {seed: float(np.mean(v)) for seed, v in by_seed.items()}
+    avg = float(np.mean([r["mean"] for r in tasks.values()]))
+    return {"tasks": tasks, "avg": avg, "avg_std": mean_std(list(avg_seeds.values()))[1], "avg_seeds": avg_seeds}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,16 +153,17 @@ def _option_batch(queries: list, demo_ids: list[int] | None, pad_id: int, device
 def score_queries(llm, queries: list, context=None, batch_size: int = 16, use_cache: bool = True) -> list[np.ndarray]:
     """Per query, the (n_options,) float64 array of mean option-token log-likelihoods given (context, x).
 
-    context: None (zero-shot), a list[int] of demonstration tokens (vanilla ICL, Eq. 1) or S_D (1, l, d_llm)
-    (PromptTuning / HyperTuning / MEND, Eq. 2), shared by every query given here. batch_size = the most
-    (query, option) rows per forward; the options of one query always share a batch; results do not depend on it.
+    context: None (zero-shot: pass zero_shot_queries(queries)), a list[int] of demonstration tokens (vanilla ICL,
+    Eq. 1) or S_D (1, l, d_llm) (PromptTuning / HyperTuning / MEND, Eq. 2), shared by every query given here.
+    batch_size = the most (query, option) rows per forward; the options of one query always share a batch; results
+    do not depend on it.
     use_cache (the fast path): decoder-only LLMs run the context once (mend.prefix_cache) and every batch reuses its
     KV cache; T5 runs the encoder once per query on [context; x] and only the decoder per option.
     use_cache=False: every row recomputes [context; x; option] through mend.llm_logits (the reference path)."""
     device = next(llm.parameters()).device
     pad_id = _pad_id(llm)
     if isinstance(context, list) and not context:
-        context = None  # no demonstration survived (e.g. k = 0): the same as zero-shot
+        context = None  # no demonstration survived: no context tokens (x keeps its prefix, as in MetaICL's ICL)
     demo_ids = context if isinstance(context, list) else None
     cache = None
     if use_cache and context is not None and not llm.is_encoder_decoder:
@@ -238,22 +251,29 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def zero_shot_queries(queries: list) -> list:
+    """The queries as zero-shot scores them: nothing precedes x, so x is MetaICL's first input, without the " " /
+    three-newline prefix it gets after a context (data.Query.zero_shot_ids; None keeps query_ids)."""
+    return [q if q.zero_shot_ids is None else replace(q, query_ids=q.zero_shot_ids) for q in queries]
+
+
 @torch.no_grad()
 def evaluate_task(llm, method: str, module, task, batch_size: int = 16, use_cache: bool = True) -> dict:
     """One (task, seed): score every query, predict, and compute the task's metric (in percent)."""
-    own = [q.demo_ids is not None and method not in DEMO_FREE_METHODS for q in task.queries]  # kNN: own D
+    queries = zero_shot_queries(task.queries) if method == "zero_shot" else task.queries
+    own = [q.demo_ids is not None and method not in DEMO_FREE_METHODS for q in queries]  # kNN: own D
     scores: dict[int, np.ndarray] = {}
     idx = [i for i, o in enumerate(own) if not o]
     if idx:  # one context (S_D distilled once, or D's KV cache) for every query with the shared D
         ctx = method_context(llm, method, module, task.demo_ids)
-        for i, s in zip(idx, score_queries(llm, [task.queries[i] for i in idx], ctx, batch_size, use_cache)):
+        for i, s in zip(idx, score_queries(llm, [queries[i] for i in idx], ctx, batch_size, use_cache)):
             scores[i] = s
     for i in (i for i, o in enumerate(own) if o):  # per-query demonstrations (kNN selection): one context each
-        ctx = method_context(llm, method, module, task.queries[i].demo_ids)
-        scores[i] = score_queries(llm, [task.queries[i]], ctx, batch_size, use_cache)[0]
-    preds = predict([scores[i] for i in range(len(task.queries))])
-    pred_str = [q.options[p].strip() for q, p in zip(task.queries, preds)]
-    gold_str = [q.options[q.gold].strip() for q in task.queries]
+        ctx = method_context(llm, method, module, queries[i].demo_ids)
+        scores[i] = score_queries(llm, [queries[i]], ctx, batch_size, use_cache)[0]
+    preds = predict([scores[i] for i in range(len(queries))])
+    pred_str = [q.options[p].strip() for q, p in zip(queries, preds)]
+    gold_str = [q.options[q.gold].strip() for q in queries]
     metric = "macro_f1" if task.task_type == "classification" else "accuracy"
     return {"task": task.task, "seed": task.seed, "split": task.split, "task_type": task.task_type, "metric": metric,
             "score": 100 * task_metric(pred_str, gold_str, task.task_type),
@@ -299,7 +319,8 @@ def evaluate_tasks(llm, method: str, module, tasks: list, batch_size: int = 16, 
 
 
 def summarize_runs(results: list[dict]) -> dict:
-    """evaluate_tasks output -> {"tasks": {task: {"mean", "std", "seeds", "task_type", "metric"}}, "avg"}."""
+    """evaluate_tasks output -> {"tasks": {task: {"mean", "std", "seeds", "task_type", "metric"}}, "avg", "avg_std",
+    "avg_seeds"} (see summarize)."""
     per_seed: dict[str, dict[int, float]] = {}
     for r in results:
         per_seed.setdefault(r["task"], {})[r["seed"]] = r["score"]
@@ -313,7 +334,8 @@ def summarize_runs(results: list[dict]) -> dict:
 # Output: the Table-2-shaped markdown table and the JSON with every number and the configuration.
 
 def markdown_table(summaries: dict[str, dict], task_names: list[str]) -> str:
-    """Rows = methods (in the order given), columns = tasks + AVG; cells mean+-std in percent."""
+    """Rows = methods (in the order given), columns = tasks + AVG; cells mean+-std in percent (AVG: the mean over
+    seeds of the task average +- its std over seeds, as Table 2)."""
     head = "| method | " + " | ".join(task_names) + " | AVG |"
     lines = [head, "|" + "---|" * (len(task_names) + 2)]
     for method, s in summaries.items():
@@ -321,7 +343,8 @@ def markdown_table(summaries: dict[str, dict], task_names: list[str]) -> str:
         for t in task_names:
             r = s["tasks"].get(t)
             cells.append("-" if r is None else f"{r['mean']:.2f}±{r['std']:.2f}")
-        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {s['avg']:.2f} |")
+        avg = f"{s['avg']:.2f}±{s['avg_std']:.2f}"
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
 
 
@@ -365,8 +388,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} 
 
 def parse_args(argv=None) -> EvalConfig:
     d = EvalConfig()
-    p = argparse.ArgumentParser(description="MetaICL meta-test evaluation of zero-shot, ICL, PromptTuning, "
-                                            "HyperTuning and MEND (paper Table 2 and Sec. 5 analyses)")
+    p = argparse.ArgumentParser(prog="eval.py", description="MetaICL meta-test evaluation of zero-shot, ICL, "
+                                "PromptTuning, HyperTuning and MEND (paper Table 2 and Sec. 5 analyses)")
     p.add_argument("--llm", default=d.llm)
     p.add_argument("--data_dir", default=d.data_dir)
     p.add_argument("--split", default=d.split, help="meta-train -> meta-test setting, e.g. class_to_class, HR_to_LR")
@@ -389,11 +412,13 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
     if not 1 <= a.seeds <= len(SEEDS):
-        p.error(f"--seeds: expected 1..{len(SEEDS)}, got {a.seeds}")
-    if a.k < 1:
-        p.error(f"--k: expected >= 1, got {a.k}")
-    if a.batch_size < 1 or a.max_queries < 0:
-        p.error("--batch_size: expected >= 1; --max_queries: expected >= 0")
+        p.error(f"argument --seeds: expected an integer in 1..{len(SEEDS)}, got {a.seeds}")
+    if a.k < 1:  # k above the rows of a train file is refused when the files are read (data.load_meta_test)
+        p.error(f"argument --k: expected an integer >= 1, got {a.k}")
+    if a.batch_size < 1:
+        p.error(f"argument --batch_size: expected an integer >= 1, got {a.batch_size}")
+    if a.max_queries < 0:
+        p.error(f"argument --max_queries: expected an integer >= 0 (0 = all), got {a.max_queries}")
     methods = tuple(METHODS) if a.methods is None or "all" in a.methods else tuple(m for m in METHODS if m in a.methods)
     return EvalConfig(llm=a.llm, data_dir=a.data_dir, split=a.split, methods=methods, mend=a.mend,
                       hypertuning=a.hypertuning, prompt_tuning=a.prompt_tuning, seeds=a.seeds, k=a.k,
@@ -491,7 +516,8 @@ def main(argv=None) -> dict:
         res = evaluate_tasks(llm, m, modules.get(m), tasks, cfg.batch_size, use_cache=not cfg.no_cache)
         summaries[m] = summarize_runs(res)
         per_method[m] = res
-        print(f"[eval] {m}: AVG {summaries[m]['avg']:.2f} over {len(task_names)} tasks")
+        print(f"[eval] {m}: AVG {summaries[m]['avg']:.2f}±{summaries[m]['avg_std']:.2f} over {len(task_names)} "
+              f"tasks")
 
     table = markdown_table(summaries, task_names)
     print(f"\n{setting} ({cfg.llm}; mean±std over {len(seeds)} seeds, percent; macro-F1 for classification, "
@@ -505,8 +531,9 @@ def main(argv=None) -> dict:
     result = {"config": {**asdict(cfg), "methods": list(cfg.methods), "setting": setting, "seeds_used": list(seeds),
                          "device": device, "argv": sys.argv if argv is None else list(argv)},
               "tasks": task_names, "missing_tasks": list(missing), "skipped": skipped,
-              "methods": {m: {"label": METHOD_LABELS[m], "avg": summaries[m]["avg"], "tasks": summaries[m]["tasks"],
-                              "runs": per_method[m]} for m in run},
+              "methods": {m: {"label": METHOD_LABELS[m], "avg": summaries[m]["avg"],
+                              "avg_std": summaries[m]["avg_std"], "avg_seeds": summaries[m]["avg_seeds"],
+                              "tasks": summaries[m]["tasks"], "runs": per_method[m]} for m in run},
               "table": table}
     write_json(out_dir / "eval.json", result)
     print(f"\n[eval] wrote {out_dir / 'eval.json'} ({_fmt_time(time.time() - t0)})")

@@ -68,7 +68,7 @@ def test_meta_test_episode_layout_gpt2_space_and_newline(tmp_path, gpt2_tok):
     root = make_metaicl(tmp_path, {"tr": demos * 2}, {"te": demos})
     (root / "data" / "te" / "te_16_100_test.jsonl").write_text(
         json.dumps(dict(task="te", **row("fine acting", "positive"))) + "\n")
-    (task,), missing = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), verbose=False)
+    (task,), missing = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), k=2, verbose=False)
     assert missing == [] and task.task_type == "classification" and task.n_demos == 2
     # D = "x1" " y1" " x2" " y2", each piece tokenized on its own; x = " x"; options " y"
     assert task.demo_ids == [18223, 3807, 3967, 2089, 2646, 4633]
@@ -84,9 +84,32 @@ def test_meta_test_episode_layout_gpt2_space_and_newline(tmp_path, gpt2_tok):
                        "great movie positive bad film negative fine acting negative"]
     assert gpt2_tok.decode(b.demo_ids[0].tolist()) == "great movie positive bad film negative"
 
-    (task,), _ = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), template="newline", verbose=False)
+    (task,), _ = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), k=2, template="newline", verbose=False)
     q = task.queries[0]
     assert gpt2_tok.decode(task.demo_ids + q.query_ids + q.option_ids[1]) == \
+        "great movie\npositive\n\n\nbad film\nnegative\n\n\nfine acting\nnegative"
+
+
+def test_zero_shot_query_has_no_prefix_space_and_newline(tmp_path, gpt2_tok):
+    """MetaICL formats the test input as a first input when there are no demonstrations (is_first = not
+    use_demonstrations): zero-shot x has no " " / "\n\n\n" prefix; after a context x keeps it."""
+    demos = [row("great movie", "positive"), row("bad film", "negative")]
+    root = make_metaicl(tmp_path, {}, {"te": demos})
+    long_x = " ".join(["fine"] * 300)
+    write_rows(root / "data" / "te" / "te_16_100_test.jsonl",
+               [dict(task="te", **row("fine acting", "positive")), dict(task="te", **row(long_x, "negative"))])
+    (t,), _ = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), k=2, verbose=False)
+    q = t.queries[0]
+    assert q.zero_shot_ids == [38125, 7205] and q.query_ids == [3734, 7205]  # "fine acting" / " fine acting"
+    assert gpt2_tok.decode(q.zero_shot_ids + q.option_ids[0]) == "fine acting positive"
+    long_q = t.queries[1]  # the same cut as x after a context: 256 - 2 - longest option
+    assert len(long_q.zero_shot_ids) == len(long_q.query_ids) == 256 - 2 - 1
+    assert long_q.zero_shot_ids == ids(gpt2_tok, long_x)[:253]
+    (t,), _ = data.load_meta_test(root, "s", gpt2_tok, seeds=(100,), k=2, template="newline", verbose=False)
+    q = t.queries[0]
+    assert q.zero_shot_ids == [38125, 7205] and q.query_ids == [628, 198, 38125, 7205]  # "\n\n\nfine acting"
+    assert gpt2_tok.decode(q.zero_shot_ids + q.option_ids[1]) == "fine acting\nnegative"
+    assert gpt2_tok.decode(t.demo_ids + q.query_ids + q.option_ids[1]) == \
         "great movie\npositive\n\n\nbad film\nnegative\n\n\nfine acting\nnegative"
 
 
@@ -177,6 +200,35 @@ def test_meta_test_demonstrations_do_not_depend_on_max_queries(tmp_path, tiny_to
 
 
 # ------------------------------------------------------------------------------------------------ meta-train sampler
+
+def test_meta_train_drops_its_meta_test_tasks(tmp_path, tiny_tokenizer, capsys):
+    rows = [row(f"red {i}", "alpha", ("alpha", "beta")) for i in range(4)]
+    root = make_metaicl(tmp_path, {"tr": rows, "te": rows}, {"te": rows})
+    (root / "config" / "s.json").write_text(json.dumps({"train": ["tr", "te"], "test": ["te"]}))
+    s = data.MetaTrainSampler(root, "s", tiny_tokenizer, k=2)
+    assert s.tasks == ["tr"] and s.dropped == ["te"] and s.missing == []
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "meta-train s: dropped te from the meta-train tasks (also meta-test tasks of s)"
+    assert out[1].startswith("meta-train s: 1 tasks, 4 examples")
+    assert {next(s).task for _ in range(10)} == {"tr"}
+    with pytest.raises(data.DataError, match="MetaTrainSampler.load_state_dict: expected keys step"):
+        s.load_state_dict({"seed": 0})
+
+
+def test_real_non_nli_to_nli_does_not_meta_train_on_sick(gpt2_tok):
+    """MetaICL's non_nli_to_nli config names sick as a meta-train AND a meta-test task; its k=16 train/dev files
+    are the meta-test demonstrations, so the sampler drops it. No other setting has such a task."""
+    root = shared_path("metaicl")
+    overlap = {}
+    for setting in data.SETTINGS:
+        _, train, test = data.read_setting(root, setting)
+        overlap.update({setting: [t for t in train if t in test]} if set(train) & set(test) else {})
+    assert overlap == {"non_nli_to_nli": ["sick"]}
+    s = data.MetaTrainSampler(root, "non_nli_to_nli", gpt2_tok, verbose=False)
+    assert s.dropped == ["sick"] and "sick" not in s.tasks and (len(s.tasks), len(s.missing)) == (49, 5)  # of 55
+    demos = {(r[0], r[1]) for r in data.read_jsonl(root / "data" / "sick" / "sick_16_100_train.jsonl")}
+    assert not any(r in demos for pool in s.pools for r in pool)
+
 
 def test_sampler_deterministic_sharded_and_resumable(tiny_metaicl_dir, tiny_tokenizer):
     def make(**kw):
@@ -289,6 +341,44 @@ def test_c4_errors(tmp_path, tiny_tokenizer, monkeypatch):
     assert msg.endswith("pass local *.json.gz shards instead")
 
 
+def test_c4_corrupt_shards_and_bad_resume_state(tmp_path, tiny_tokenizer, monkeypatch):
+    """Corrupt shards raise DataError (train.py catches only that) naming the file, and the line when known."""
+    def first_error(source, **kw):
+        with pytest.raises(data.DataError) as e:
+            next(data.C4Stream(source, tiny_tokenizer, **kw))
+        return str(e.value)
+    raw = gzip.compress(("\n".join(json.dumps({"text": "red cube " * 50}) for _ in range(50)) + "\n").encode())
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(raw[:len(raw) // 2])
+    assert first_error(str(cut)) == (f"{cut}: expected a gzip JSON-lines C4 shard (EOFError: Compressed file ended "
+                                     f"before the end-of-stream marker was reached)")
+    plain = tmp_path / "plain.json.gz"
+    plain.write_text('{"text": "red cube"}\n')
+    assert first_error(str(plain)) == \
+        f"{plain}: expected a gzip JSON-lines C4 shard (BadGzipFile: Not a gzipped file (b'{{\"'))"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "red cube"}\n{"text": "\xff\xfe red"}\n')
+    s = data.C4Stream(str(latin), tiny_tokenizer, min_len=2)
+    with pytest.raises(data.DataError) as e:
+        [next(s) for _ in range(2)]
+    assert str(e.value) == f"{latin}:2: expected UTF-8 text (invalid start byte at byte 10)"
+    # "found none in a whole epoch" names the shard, a hub shard as hub:REPO/FILE (not a Python tuple)
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "short"}\n')
+    assert first_error(str(short)) == (f"{short}: expected documents of >= min_len=64 tokens for rank 0/1, found "
+                                       f"none in a whole epoch")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, repo_type: str(short))
+    assert first_error("hub:allenai/c4") == (
+        "hub:allenai/c4/en/c4-validation.00000-of-00008.json.gz (and 7 more shards): expected documents of >= "
+        "min_len=64 tokens for rank 0/1, found none in a whole epoch")
+    s = data.C4Stream(str(short), tiny_tokenizer)
+    with pytest.raises(data.DataError) as e:
+        s.load_state_dict({"epoch": 0, "seed": 0})
+    assert str(e.value) == ("C4Stream.load_state_dict: expected keys epoch, shard, doc (from C4Stream.state_dict()), "
+                            "missing shard, doc")
+
+
 # ------------------------------------------------------------------------------------------------ settings, errors
 
 def test_resolve_setting_aliases(tiny_metaicl_dir):
@@ -322,6 +412,45 @@ def test_bad_metaicl_rows(tmp_path, tiny_tokenizer, line, message):
     with pytest.raises(data.DataError) as e:
         data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), verbose=False)
     assert str(e.value).startswith(f"{p}:2: {message}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("ttype,options,output,message", [
+    ("classification", ["yes"], "yes", "expected >= 2 options for a meta-test query, got 1"),
+    ("multi-choice", [], "yes", "expected >= 2 options for a meta-test query, got 0"),
+    ("free-form", [], "yes", "expected >= 2 options for a meta-test query, got 0"),
+    ("multi-choice", [1, "yes"], "yes", "expected every option to be a str, got int 1"),
+])
+def test_meta_test_query_needs_two_string_options(tmp_path, tiny_tokenizer, ttype, options, output, message):
+    """MetaICL asserts >= 2 options per test row: with 0 or 1 the prediction is always "correct"."""
+    root = make_metaicl(tmp_path, {}, {"te": [row("a", "yes", ("yes", "no"))] * 16}, ttype=ttype)
+    p = root / "data" / "te" / "te_16_100_test.jsonl"
+    write_rows(p, [dict(task="te", **row("b", "no", ("yes", "no"))), dict(task="te", input="c", output=output,
+                                                                        options=options)])
+    with pytest.raises(data.DataError) as e:
+        data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), verbose=False)
+    assert str(e.value) == f"{p}:2: {message}"
+    # dev files as validation queries: the same rule
+    (root / "data" / "te" / "te_16_100_dev.jsonl").write_text(p.read_text())
+    with pytest.raises(data.DataError, match=re.escape(f"te_16_100_dev.jsonl:2: {message}")):
+        data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), split="dev", verbose=False)
+    # a non-string option is refused in any file (here a demonstration), with its line
+    write_rows(p, [dict(task="te", **row("b", "no", ("yes", "no")))])
+    train = root / "data" / "te" / "te_16_100_train.jsonl"
+    write_rows(train, [dict(task="te", **row("a", "yes", ("yes", "no")))] * 2 + [
+        dict(task="te", input="c", output="yes", options=["yes", None])])
+    with pytest.raises(data.DataError) as e:
+        data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), k=3, verbose=False)
+    assert str(e.value) == f"{train}:3: expected every option to be a str, got NoneType None"
+
+
+def test_k_above_the_train_file_is_refused(tmp_path, tiny_tokenizer):
+    root = make_metaicl(tmp_path, {}, {"te": [row(f"red {i}", "positive") for i in range(16)]})
+    (t,), _ = data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), k=16, verbose=False)
+    assert t.n_demos == 16
+    with pytest.raises(data.DataError) as e:
+        data.load_meta_test(root, "s", tiny_tokenizer, seeds=(100,), k=17, verbose=False)
+    p = root / "data" / "te" / "te_16_100_train.jsonl"
+    assert str(e.value) == f"{p}: --k 17: expected k <= 16, the number of rows of this train file"
 
 
 def test_missing_files_and_tasks(tmp_path, tiny_tokenizer, capsys):
@@ -365,8 +494,9 @@ def test_perturbations_and_k(tmp_path, gpt2_tok):
     assert set(rand) <= set(opts) and rand != gold and rand == dec(load(perturb="random_label")).split()[1::2]
     wrong = dec(load(perturb="wrong_label")).split()[1::2]
     assert all(w != g and w in opts for w, g in zip(wrong, gold)) and len(wrong) == 16
-    one = make_metaicl(tmp_path / "one", {}, {"te": [row("a", "only", ["only"])]})
-    (t,), _ = data.load_meta_test(one, "s", gpt2_tok, seeds=(100,), perturb="wrong_label", verbose=False)
+    one = make_metaicl(tmp_path / "one", {}, {"te": [row("a", "only", ["only"])]})  # a one-option demonstration
+    write_rows(one / "data" / "te" / "te_16_100_test.jsonl", [dict(task="te", **row("b", "only", ["only", "no"]))])
+    (t,), _ = data.load_meta_test(one, "s", gpt2_tok, seeds=(100,), k=1, perturb="wrong_label", verbose=False)
     assert gpt2_tok.decode(t.demo_ids) == "a only"
 
 

@@ -58,12 +58,30 @@ def test_summarize_mean_std_and_each_task_once():
     assert s["avg"] == pytest.approx((55 + 40 + 30) / 3)  # 'hellaswag' contains 'swag': still counted once
 
 
+def test_summarize_avg_std_over_seeds_of_the_task_average():
+    """Table 2's AVG +- std: per seed the mean over tasks, then mean and population std over seeds."""
+    per_seed = {"a": {100: 50.0, 13: 60.0, 21: 70.0}, "b": {100: 20.0, 13: 40.0, 21: 30.0}}
+    s = ev.summarize(per_seed)
+    assert s["avg_seeds"] == {100: 35.0, 13: 50.0, 21: 50.0}
+    assert s["avg"] == pytest.approx(45.0)
+    # deviations -10, 5, 5 -> sqrt(150 / 3) = 7.0711 (ddof = 0, like the per-task std; the sample std is 8.6603)
+    assert s["avg_std"] == pytest.approx(math.sqrt(50.0))
+    assert s["tasks"]["a"]["std"] == pytest.approx(math.sqrt(200 / 3))  # 50, 60, 70: 8.1650
+    line = ev.markdown_table({"mend": s}, ["a", "b"]).splitlines()[2]
+    assert line == "| MEND | 60.00±8.16 | 30.00±8.16 | 45.00±7.07 |"
+    # a demo-free method (one result copied to every seed) has no spread; one seed gives 0 as well
+    flat = ev.summarize({"a": {100: 50.0, 13: 50.0}, "b": {100: 10.0, 13: 10.0}})
+    assert flat["avg_std"] == 0.0 and flat["avg"] == pytest.approx(30.0)
+    assert ev.summarize({"a": {100: 50.0}})["avg_std"] == 0.0
+    assert ev.summarize({})["avg_seeds"] == {}
+
+
 def test_markdown_table_shape():
     s = ev.summarize({"t1": {100: 50.0, 13: 60.0}, "t2": {100: 10.0, 13: 10.0}})
     table = ev.markdown_table({"icl": s, "mend": s}, ["t1", "t2"])
     lines = table.splitlines()
     assert lines[0] == "| method | t1 | t2 | AVG |"
-    assert lines[2] == "| Vanilla ICL | 55.00±5.00 | 10.00±0.00 | 32.50 |"
+    assert lines[2] == "| Vanilla ICL | 55.00±5.00 | 10.00±0.00 | 32.50±2.50 |"  # seed 100: 30, seed 13: 35
     assert lines[3].startswith("| MEND |") and len(lines) == 4
 
 
@@ -219,6 +237,11 @@ def test_end_to_end_every_method_deterministic(family, tmp_path, tiny_metaicl_di
                 assert s["std"] == 0.0  # no demonstrations: one result copied to every seed
         means = [s["mean"] for s in r1["methods"][m]["tasks"].values()]
         assert r1["methods"][m]["avg"] == pytest.approx(np.mean(means))
+        per_seed = [np.mean([r["score"] for r in runs1 if r["seed"] == seed]) for seed in ev.SEEDS[:2]]
+        assert r1["methods"][m]["avg_seeds"] == pytest.approx(dict(zip(ev.SEEDS[:2], per_seed)))
+        assert r1["methods"][m]["avg_std"] == pytest.approx(np.std(per_seed), abs=1e-12)  # population std
+        if m in ev.DEMO_FREE_METHODS:
+            assert r1["methods"][m]["avg_std"] == 0.0
     saved = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert saved["config"]["batch_size"] == 3 and saved["config"]["seeds_used"] == list(ev.SEEDS[:2])
     assert saved["methods"]["mend"]["runs"] == r1["methods"]["mend"]["runs"]
@@ -357,7 +380,52 @@ def test_per_query_demonstrations_use_their_own_context(gpt2_llm, tiny_gpt2_dir,
     want = [int(np.argmax(ev.score_queries(gpt2_llm, [q], list(q.demo_ids), use_cache=False)[0])) for q in task.queries]
     assert r["preds"] == want
     z = ev.evaluate_task(gpt2_llm, "zero_shot", None, task)
-    assert z["preds"] == ev.predict(ev.score_queries(gpt2_llm, task.queries, None))
+    assert z["preds"] == ev.predict(ev.score_queries(gpt2_llm, ev.zero_shot_queries(task.queries), None))
+
+
+def test_zero_shot_scores_x_without_its_prefix(monkeypatch):
+    """Zero-shot scores Query.zero_shot_ids (x as MetaICL's first input: no " " prefix); every method with a
+    context (ICL's tokens or soft vectors) scores query_ids (" x")."""
+    seen = {}
+
+    def fake_score_queries(llm, queries, context, batch_size, use_cache):
+        seen.setdefault(method, []).extend(q.query_ids for q in queries)
+        return [np.arange(len(q.option_ids), dtype=float) for q in queries]
+    monkeypatch.setattr(ev, "score_queries", fake_score_queries)
+    monkeypatch.setattr(ev, "method_context", lambda llm, method, module, demo_ids: list(demo_ids))
+    queries = [data.Query(query_ids=[10, 11], option_ids=[[5], [6]], gold=1, options=["a", "b"],
+                          zero_shot_ids=[20, 11]),
+               data.Query(query_ids=[12], option_ids=[[5], [6]], gold=0, options=["a", "b"])]  # None: query_ids
+    task = data.MetaTestTask("t", 100, "test", "multi-choice", demo_ids=[1, 2], queries=queries)
+    for method in ev.METHODS:
+        r = ev.evaluate_task(None, method, None, task)
+        assert r["preds"] == [1, 1] and r["score"] == 50.0
+    assert seen.pop("zero_shot") == [[20, 11], [12]]
+    assert seen == {m: [[10, 11], [12]] for m in ("prompt_tuning", "icl", "hypertuning", "mend")}
+    assert task.queries[0].query_ids == [10, 11]  # the task itself is left as it is
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch_size", "0", "argument --batch_size: expected an integer >= 1, got 0"),
+    ("--max_queries", "-1", "argument --max_queries: expected an integer >= 0 (0 = all), got -1"),
+    ("--k", "0", "argument --k: expected an integer >= 1, got 0"),
+    ("--seeds", "6", "argument --seeds: expected an integer in 1..5, got 6"),
+])
+def test_parse_args_errors_name_the_argument_and_value(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args([flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"eval.py: error: {message}"
+
+
+def test_k_above_the_train_file_is_refused(tmp_path, tiny_gpt2_dir, tiny_metaicl_dir):
+    """The tiny folder's train files hold 16 rows: --k 17 would silently use 16 while eval.json records 17."""
+    with pytest.raises(data.DataError) as e:
+        _run(["--llm", tiny_gpt2_dir, "--data_dir", tiny_metaicl_dir, "--split", "tiny", "--seeds", "1",
+              "--methods", "icl", "--k", "17"], tmp_path / "out")
+    p = tiny_metaicl_dir / "data" / "test_a" / "test_a_16_100_train.jsonl"
+    assert str(e.value) == f"{p}: --k 17: expected k <= 16, the number of rows of this train file"
+    assert not (tmp_path / "out" / "eval.json").exists()
 
 
 def test_evaluate_tasks_restores_modes_and_logs(tiny_gpt2_dir, tiny_gpt2_distiller_dir, tiny_metaicl_dir):
