@@ -217,12 +217,12 @@ class Shapes:
 
 
 def method_flops(method: str, family: str, llm_cfg: dict, dist_cfg: dict, s: Shapes, ideal: bool,
-                 causal: bool = False) -> int:
+                 causal: bool = False, projection: str = "auto") -> int:
     """Analytic FLOPs of one method per batch of queries (per-query work only; the cached pair's prefix is done
     once per task and reported separately by prefix_flops). ideal=False mirrors
     mend.llm_logits(query_logits=False), as eval.py scores: GPT-2 runs the LM head at the option + 1 positions whose
     predictions it returns (never over x or the context), T5's decoder at every option position; the distiller never runs its LM head. ideal=True is the least work a scorer needs:
-    the LM head only at the positions that predict the option tokens."""
+    the LM head only at the positions that predict the option tokens. projection: the MEND's (see distiller_flops)."""
     b, q = s.batch, s.x + s.opt
     if family != "t5":                                                          # decoder-only
         lm = (lambda t: s.opt) if ideal else (lambda t: s.opt + 1)
@@ -236,28 +236,33 @@ def method_flops(method: str, family: str, llm_cfg: dict, dist_cfg: dict, s: Sha
         enc = {"zero_shot": s.x, "icl": s.ctx + s.x, "prompt_tuning": s.l + s.x, "mend": s.l + s.x}[method]
         llm = t5_encoder_flops(llm_cfg, enc, b) + t5_decoder_flops(llm_cfg, s.opt, enc, b, None, causal)
     if method == "mend":
-        llm += distiller_flops(family, dist_cfg, llm_cfg, s, ideal, causal)
+        llm += distiller_flops(family, dist_cfg, llm_cfg, s, ideal, causal, projection)
     return llm
 
 
-def distiller_flops(family: str, dist_cfg: dict, llm_cfg: dict, s: Shapes, ideal: bool, causal=False) -> int:
-    """The distiller over D + l placeholders, then the projection Linear(d_s -> d_llm) on the l outputs."""
+def distiller_flops(family: str, dist_cfg: dict, llm_cfg: dict, s: Shapes, ideal: bool, causal=False,
+                    projection: str = "auto") -> int:
+    """The distiller over D + l placeholders, then the projection Linear(d_s -> d_llm) on the l outputs.
+    projection as mend.MEND's: "auto" (a Linear only when the widths differ), "tanh" / "linear" (always a Linear,
+    also at equal widths), "identity" (none); a saved MEND's config.json holds the resolved one."""
     if family != "t5":
         body = gpt2_flops(dist_cfg, s.ctx + s.l, 0, s.batch, 0, causal)    # hidden states only, no LM head
         d_s, d_llm = decoder_dims(dist_cfg)["emb"], decoder_dims(llm_cfg)["emb"]
     else:
         body = t5_encoder_flops(dist_cfg, s.ctx + s.l, s.batch)
         d_s, d_llm = dist_cfg["d_model"], llm_cfg["d_model"]
-    return body + (2 * s.batch * s.l * d_s * d_llm if d_s != d_llm else 0)
+    linear = projection != "identity" and (projection != "auto" or d_s != d_llm)
+    return body + (2 * s.batch * s.l * d_s * d_llm if linear else 0)
 
 
-def prefix_flops(method: str, llm_cfg: dict, dist_cfg: dict, s: Shapes) -> int:
+def prefix_flops(method: str, llm_cfg: dict, dist_cfg: dict, s: Shapes, projection: str = "auto") -> int:
     """Once-per-task work of the cached pair (batch 1): the prefix KV (and S_D for mend_cached), ideal count."""
     one = dataclasses.replace(s, batch=1)
     if method == "icl_cached":
         return gpt2_flops(llm_cfg, s.ctx, 0, 1, 1)
     if method == "mend_cached":
-        return distiller_flops("gpt2", dist_cfg, llm_cfg, one, True) + gpt2_flops(llm_cfg, s.l, 0, 1, 1)
+        return distiller_flops("gpt2", dist_cfg, llm_cfg, one, True, projection=projection) + \
+            gpt2_flops(llm_cfg, s.l, 0, 1, 1)
     return 0
 
 
@@ -385,7 +390,16 @@ def _build(name: str, device, dtype):
     cfg = shape_config(name)
     with torch.device(device):            # init straight on the device (fast for 1.5B parameters on a GPU)
         lm = model.build_model(cfg)
-    return lm.to(device=device, dtype=dtype).eval(), cfg
+    return model.cast(lm, dtype, device).eval(), cfg
+
+
+def saved_mend_config(mend_dir: str) -> dict:
+    """config.json of a saved MEND (mend.MEND.save): its l, projection and distiller_config."""
+    with open(os.path.join(mend_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("kind") != "mend":
+        raise ValueError(f"bench.py: --mend {mend_dir}: holds a {cfg.get('kind')!r} checkpoint, not a saved MEND")
+    return cfg
 
 
 def build_models(pair: Pair, l: int, device, dtype, seed: int) -> Models:
@@ -394,12 +408,12 @@ def build_models(pair: Pair, l: int, device, dtype, seed: int) -> Models:
     d_llm = llm.hidden_size
     if pair.mend_dir:
         distill = mend.MEND.from_pretrained(pair.mend_dir, dtype=dtype, device=device).eval()
-        dist_cfg = json.load(open(os.path.join(pair.mend_dir, "config.json")))["distiller_config"]
+        dist_cfg = saved_mend_config(pair.mend_dir)["distiller_config"]
     else:
         distiller, dist_cfg = _build(pair.distiller, device, dtype)
         with torch.device(device):
             distill = mend.MEND(distiller, d_llm=d_llm, l=l)
-        distill = distill.to(device=device, dtype=dtype).eval()
+        distill = model.cast(distill, dtype, device).eval()
     with torch.device(device):
         prompt = mend.PromptTuning(distill.l, d_llm)
     prompt = prompt.to(device=device, dtype=dtype).eval()
@@ -437,7 +451,7 @@ def bench_pair(m: Models, settings: dict, args, device, dtype) -> list:
     for setting, ctx in settings.items():
         for b in args.batches:
             s = Shapes(ctx=ctx, l=m.mend.l, x=args.query_len - args.option_len, opt=args.option_len, batch=b)
-            check_positions(m, s)
+            check_positions(m.llm_name, m.llm_cfg, m.dist_cfg, s)
             batch = make_batch(vocab, s, device, args.seed)
             with torch.inference_mode():
                 fns = method_fns(m, batch)
@@ -450,9 +464,11 @@ def bench_pair(m: Models, settings: dict, args, device, dtype) -> list:
                                peak_mb=peak_mb(fn, device, resident + (kv or 0)),
                                kv_mb=None if kv is None else kv / 2 ** 20, device=str(device),
                                dtype=str(dtype).replace("torch.", ""),
-                               flops_analytic=method_flops(method, m.family, m.llm_cfg, m.dist_cfg, s, ideal=False),
-                               _ideal=method_flops(method, m.family, m.llm_cfg, m.dist_cfg, s, ideal=True),
-                               prefix_flops=prefix_flops(method, m.llm_cfg, m.dist_cfg, s) or None,
+                               flops_analytic=method_flops(method, m.family, m.llm_cfg, m.dist_cfg, s, ideal=False,
+                                                           projection=m.mend.projection),
+                               _ideal=method_flops(method, m.family, m.llm_cfg, m.dist_cfg, s, ideal=True,
+                                                   projection=m.mend.projection),
+                               prefix_flops=prefix_flops(method, m.llm_cfg, m.dist_cfg, s, m.mend.projection) or None,
                                context_len=ctx, l=s.l, query_len=s.x + s.opt)
                     rows.append(row)
                     print(f"  {setting} {m.llm_name} B={b} {method:13s} {row['flops'] / 1e9:10.2f} GFLOPs "
@@ -464,12 +480,13 @@ def bench_pair(m: Models, settings: dict, args, device, dtype) -> list:
     return rows
 
 
-def check_positions(m: Models, s: Shapes):
-    n_pos = m.llm_cfg.get("n_positions")
+def check_positions(llm_name: str, llm_cfg: dict, dist_cfg: dict, s: Shapes):
+    """ValueError when ICL's D + x + option or the distiller's D + l exceed a model's n_positions."""
+    n_pos = llm_cfg.get("n_positions")
     if n_pos and s.ctx + s.x + s.opt > n_pos:
         raise ValueError(f"bench.py: --context/--query-len: ICL needs {s.ctx + s.x + s.opt} positions, "
-                         f"{m.llm_name} has n_positions={n_pos}")
-    n_pos = m.dist_cfg.get("n_positions")
+                         f"{llm_name} has n_positions={n_pos}")
+    n_pos = dist_cfg.get("n_positions")
     if n_pos and s.ctx + s.l > n_pos:
         raise ValueError(f"bench.py: the distiller needs |D| + l = {s.ctx + s.l} positions, it has {n_pos}")
 
@@ -566,7 +583,8 @@ def write_plot(rows: list, path: str) -> bool:
     return True
 
 
-def write_outputs(rows: list, out_dir: str, table: str, report: list):
+def write_outputs(rows: list, out_dir: str, table: str, report: list, plot: bool = True):
+    """bench.json (the rows), bench.md (table + report lines) and, when plot and matplotlib allow, bench.png."""
     os.makedirs(out_dir, exist_ok=True)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     for name, text in (("bench.json", json.dumps(public, indent=1)), ("bench.md", table + "\n\n" +
@@ -575,7 +593,7 @@ def write_outputs(rows: list, out_dir: str, table: str, report: list):
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(out_dir, name))
-    return write_plot(rows, os.path.join(out_dir, "bench.png"))
+    return plot and write_plot(rows, os.path.join(out_dir, "bench.png"))
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
@@ -585,13 +603,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FLOPs, latency, peak memory and KV size of ICL vs PromptTuning vs "
                                             "MEND (Fig. 3)")
     p.add_argument("--preset", default="fig3", choices=sorted(PRESETS))
-    p.add_argument("--family", default="", help="comma list of families to run (gpt2,t5); default: all of the preset")
+    p.add_argument("--family", default="", help="comma list of families to run (gpt2,t5,opt,llama); default: all of "
+                                                "the preset")
     p.add_argument("--settings", default="", help="comma list of the preset's settings (default: all)")
     p.add_argument("--context", default="", help="override |D|: comma list of NAME=TOKENS settings")
-    p.add_argument("--llm", default="", help="LLM checkpoint folder (replaces the preset's LLMs of its family)")
+    p.add_argument("--llm", default="", help="LLM checkpoint folder: the run has this one LLM only (the preset's "
+                                             "other LLMs and families are dropped), with --distiller / --mend, else "
+                                             "the first distiller of the preset for its family")
     p.add_argument("--distiller", default="", help="distiller LM checkpoint folder (random placeholders)")
     p.add_argument("--mend", default="", help="saved MEND folder (mend.MEND.save) to use as the distiller")
-    p.add_argument("--l", type=int, default=None, help="distillation vectors (preset: 100 for fig3)")
+    p.add_argument("--l", type=int, default=None, help="distillation vectors (preset: 100 for fig3; with --mend: "
+                                                       "the saved MEND's l, another value is refused)")
     p.add_argument("--query-len", type=int, default=None, help="x + option tokens (preset: 56 for fig3)")
     p.add_argument("--option-len", type=int, default=None, help="option tokens inside --query-len (preset: 3)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (preset: 1,4,16 for fig3)")
@@ -604,12 +626,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flops-only", action="store_true",
-                   help="analytic FLOPs from the configs alone (no weights, no timing): for 7B shapes on a CPU")
+                   help="analytic FLOPs from the configs alone (no weights, no timing): for 7B shapes on a CPU; "
+                        "writes bench.json and bench.md to --out")
     return p.parse_args(argv)
 
 
 def resolve_args(args):
     preset = PRESETS[args.preset]
+    if args.mend:                          # the saved MEND fixes l (its number of placeholders)
+        saved_l = saved_mend_config(args.mend)["l"]
+        if args.l is not None and args.l != saved_l:
+            raise ValueError(f"bench.py: --l {args.l}: the saved MEND {args.mend} has l = {saved_l}")
+        args.l = saved_l
     for name in ("l", "query_len", "option_len", "batch", "runs", "warmup"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
@@ -659,16 +687,21 @@ def analytic_rows(pairs: list, settings: dict, args) -> list:
     rows = []
     for p in pairs:
         llm_cfg = cfg_of(p.llm)
-        dist_cfg = (json.load(open(os.path.join(p.mend_dir, "config.json")))["distiller_config"] if p.mend_dir
-                    else cfg_of(p.distiller))
+        saved = saved_mend_config(p.mend_dir) if p.mend_dir else None     # l, projection and widths of that MEND
+        dist_cfg = saved["distiller_config"] if saved else cfg_of(p.distiller)
+        l, proj = (saved["l"], saved["projection"]) if saved else (args.l, "auto")
+        name = p.llm if not os.path.isdir(p.llm) else os.path.basename(os.path.normpath(p.llm))
         for setting, ctx in settings.items():
             for b in args.batches:
-                s = Shapes(ctx=ctx, l=args.l, x=args.query_len - args.option_len, opt=args.option_len, batch=b)
+                s = Shapes(ctx=ctx, l=l, x=args.query_len - args.option_len, opt=args.option_len, batch=b)
+                check_positions(name, llm_cfg, dist_cfg, s)
                 for method in METHODS if p.family != "t5" else METHODS[:4]:
-                    f = method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=False)
-                    rows.append(dict(setting=setting, llm=p.llm, method=method, batch=b, flops=f, flops_analytic=f,
-                                     _ideal=method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=True), ms=None,
-                                     prefix_flops=prefix_flops(method, llm_cfg, dist_cfg, s) or None,
+                    f = method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=False, projection=proj)
+                    rows.append(dict(setting=setting, llm=name, method=method, batch=b, flops=f, flops_analytic=f,
+                                     _ideal=method_flops(method, p.family, llm_cfg, dist_cfg, s, ideal=True,
+                                                         projection=proj),
+                                     ms=None, peak_mb=None, kv_mb=None, device=None, dtype=None,
+                                     prefix_flops=prefix_flops(method, llm_cfg, dist_cfg, s, proj) or None,
                                      context_len=ctx, l=s.l, query_len=s.x + s.opt))
     add_ratios(rows)
     lines = ["| setting | LLM | B | method | GFLOPs (analytic) | FLOPs ratio | prefix GFLOPs (once per task) |",
@@ -676,8 +709,13 @@ def analytic_rows(pairs: list, settings: dict, args) -> list:
     for r in rows:
         lines.append(f"| {r['setting']} | {r['llm']} | {r['batch']} | {r['method']} | {_gflops(r['flops'])} "
                      f"| {_fmt(r['flops_ratio'], '.2f')}x | {_gflops(r['prefix_flops']) if r['prefix_flops'] else ''} |")
-    print("\n".join(lines) + "\n\nFLOPs ratio: icl / method (cached pair: icl_cached / method); analytic only "
-          "(--flops-only: nothing built or timed).")
+    table = "\n".join(lines)
+    note = ("FLOPs per call over B rows. FLOPs ratio: icl / method (cached pair: icl_cached / method); analytic only "
+            "(--flops-only: nothing built or timed).")
+    print(table + "\n\n" + note)
+    if args.out:
+        write_outputs(rows, args.out, table, [note], plot=False)
+        print(f"wrote {os.path.join(args.out, 'bench.json')}, bench.md (no PNG: nothing timed)")
     return rows
 
 
@@ -685,6 +723,8 @@ def main(argv=None):
     args = parse_args(argv)
     settings, pairs = resolve_args(args)
     if args.flops_only:
+        print(f"bench.py: preset {args.preset}, --flops-only (analytic), l={args.l}, query {args.query_len} tokens "
+              f"(option {args.option_len}), batches {args.batches}", flush=True)
         return analytic_rows(pairs, settings, args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -715,7 +755,8 @@ def main(argv=None):
     table = markdown_table(rows)
     report = target_report(rows, device.type)
     print("\n" + table + "\n")
-    print("FLOPs: counter = torch.utils.flop_counter.FlopCounterMode (attention counted over all T x T pairs even "
+    print("FLOPs and ms: per call over the B rows of a batch. "
+          "FLOPs: counter = torch.utils.flop_counter.FlopCounterMode (attention counted over all T x T pairs even "
           "when causal); analytic = matmuls + attention, same convention. Ratios: icl / method (cached pair: "
           "icl_cached / method). peak MB: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                                else "not measured on CPU") + ".")
