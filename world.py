@@ -528,7 +528,8 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
         for i, seed in enumerate(seeds):
             demos = read_jsonl(meta / "data" / task / f"{task}_16_{seed}_train.jsonl")
             D = " ".join(f"{d['input']} {d['output']}" for d in demos)
-            for method, prefix in (("zero_shot", " "), ("icl", D + " ")):   # the query is " x", as in data.py
+            # as in data.py / MetaICL: x after a context is " x"; zero-shot's x is the first input (no prefix)
+            for method, prefix in (("zero_shot", ""), ("icl", D + " ")):
                 if method == "zero_shot" and i > 0:   # zero-shot does not depend on the seed
                     acc[method].append(acc[method][-1])
                     continue
