@@ -63,13 +63,19 @@ class WorldConfig:
     n_test_tasks: int = 48          # many held-out tasks: a task has 2-4 items, so one task's zero-shot accuracy is
                                     # a handful of coin flips (0/50/100% for 2 items); 8 tasks left it 9-14 points
                                     # off chance by luck, 48 average that out
-    k: int = 16                     # demonstrations per k-shot file (they cover every item of the task)
+    k: int = 16                     # demonstrations per k-shot file (they cover every item of the task); 16 only:
+                                    # MetaICL's file names, data.py's meta-test files and the K sweep read _16_
     n_test_queries: int = 32        # rows of each meta-test task's test file
     pool_size: int = 1024           # rows of each meta-train task's {task}_16384_100_train.jsonl pool
     n_passages: int = 16000         # corpus passages (each: the demonstrations of one fresh random task)
     demos_per_passage: tuple = (12, 24)
     repeat_passages: float = 0.0    # fraction of corpus passages that are a random word sequence written twice
     n_shards: int = 2
+
+    def __post_init__(self):
+        if self.k != 16:
+            raise ValueError(f"world.py: WorldConfig.k={self.k}: expected 16 (the MetaICL k=16 files every reader "
+                             "opens; use eval.py --k for fewer demonstrations)")
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldConfig":
@@ -296,7 +302,7 @@ class LMConfig:
     n_layer: int = 2
     n_head: int = 4
     n_positions: int = 512        # GPT-2 learned positions; the loop trains positions < seq_len
-    seq_len: int = 320            # passages are cut here (corpus passages are ~150-330 tokens)
+    seq_len: int = 320            # passages are cut here (the default world's are 24-48 tokens; older worlds' longer)
     steps: int = 1500
     batch_size: int = 16
     lr: float = 3e-3
@@ -655,12 +661,20 @@ def _accuracy(result: dict, method: str) -> float:
     return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
 
 
+def lowest_try(tries: list) -> tuple:
+    """The (end-of-phase loss, run folder) of a warm-up phase's tries that goes on: the lowest loss; a diverged (NaN)
+    try never wins over a finite one."""
+    return min(tries, key=lambda t: (math.isnan(t[0]), t[0]))
+
+
 def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, threads: int = 2,
                  world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print) -> dict:
-    """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the smaller distiller LM,
-    MEND stage 1 (distill; RunConfig.stage1_warmup's phases, then the final one) and HyperTuning's stage 1 (clm)
-    through train.py, stage 2 (MEND finetune, HyperTuning pred, the no-L_distill ablation, PromptTuning), eval.py
-    (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json and returns it."""
+    """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the distiller (a copy of the
+    LLM + RunConfig.distiller_extra_layers, or a separate LM), MEND stage 1 (distill; RunConfig.stage1_warmup's
+    phases, then the final one) and HyperTuning's stage 1 (clm) through train.py, stage 2 (MEND finetune,
+    HyperTuning pred, PromptTuning, and Table 4's rows: without L_distill, without L_pred, without pretraining),
+    eval.py (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json last (a results.json already in
+    DIR is removed first, so an interrupted run never leaves one that looks complete) and returns it."""
     import torch
 
     import data
@@ -670,6 +684,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
     torch.set_num_threads(threads)
     out = Path(out)
+    (out / "results.json").unlink(missing_ok=True)  # written last: present = this run finished
     wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
     rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
     times, t_all = {}, time.time()
@@ -724,9 +739,10 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
             run = f"pretrain-{name}-warmup{i + 1}"
             tries = [warmup_try(objective, phase_cfg, runs / (run + (f"-try{r + 1}" if r else "")), seed + r, init)
                      for r in range(rcfg.restarts(i))]  # the lowest end-of-phase loss goes on (RunConfig)
-            if objective == "distill" and i == 0 and rcfg.stage1_fallback and min(tries)[0] > rcfg.stage1_plateau:
+            if objective == "distill" and i == 0 and rcfg.stage1_fallback and \
+                    not lowest_try(tries)[0] <= rcfg.stage1_plateau:
                 tries.append(warmup_try(objective, rcfg.stage1_fallback, runs / f"{run}-fallback", seed, init))
-            best = min(tries)
+            best = lowest_try(tries)
             log(f"[world.py] stage-1 {name} warm-up {i + 1}: end-of-phase {objective} loss " +
                 ", ".join(f"{d:.3f} ({o.name})" for d, o in tries) + f"; going on from {best[1].name}")
             init = ["--init", str(best[1] / "last")]
@@ -835,19 +851,19 @@ def main(argv=None):
                     help="LM family of the tiny LLM and distiller (gpt2: the one that learns ICL in budget)")
     ap.add_argument("--quick", action="store_true", help="the CI-sized world and run (tests/test_world.py)")
     ap.add_argument("--llm_steps", type=int, default=None, help="LLM pretraining steps (default: RunConfig)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: CI's cores)")
     ap.add_argument("--l", type=int, default=None, help="distillation vectors (default: RunConfig, 4 = |D|/8)")
     ap.add_argument("--stage1_restarts", type=int, default=None,
                     help="train.py seeds tried in every stage-1 warm-up phase; the lowest L_distill goes on "
-                         "(default: RunConfig, 3 in the first phase and 1 in the others)")
+                         "(default: RunConfig, 3 in the first phase and 1 in the others; --quick: 1)")
     ap.add_argument("--distiller_extra_layers", type=int, default=None,
                     help="identity-initialized blocks added to the distiller (a copy of the LLM); 0 = the plain copy "
-                         "(default: RunConfig, 2)")
+                         "(default: RunConfig, 2; --quick: 0)")
     ap.add_argument("--clm_curriculum", action="store_true",
                     help="HyperTuning's CLM pretraining (also Table 4's CLM row) through MEND's stage-1 curriculum: "
                          "the like-for-like comparison (~9 min more)")
     args = ap.parse_args(argv)
-    for name in ("llm_steps", "l", "stage1_restarts"):
+    for name in ("llm_steps", "l", "stage1_restarts", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"argument --{name}: expected an integer >= 1, got {getattr(args, name)}")
     if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:

@@ -6,6 +6,7 @@ targets of issue 9 are measured by the full run, not asserted here (README, the 
 import gzip
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -36,9 +37,30 @@ def test_generate_is_deterministic_by_seed(tmp_path, small_world):
     world.generate_world(tmp_path / "again", _small())
     world.generate_world(tmp_path / "other", _small(seed=1))
     assert _digest(out) == _digest(tmp_path / "again")
-    other = _digest(tmp_path / "other")
-    assert other.keys() != _digest(out).keys() or other != _digest(out)
+    # another seed: other tasks and another corpus (world.json alone would differ anyway: it records the seed)
+    for part in ("metaicl/data", "c4"):
+        mine, other = _digest(out / part), _digest(tmp_path / "other" / part)
+        assert mine and other and (other.keys() != mine.keys() or other != mine), part
     assert len(_digest(out)) > 50
+
+
+def test_world_config_k_is_16_and_lowest_try():
+    with pytest.raises(ValueError, match=r"^world.py: WorldConfig.k=8: expected 16 "):
+        world.WorldConfig(k=8)
+    nan = float("nan")
+    assert world.lowest_try([(nan, "a"), (0.3, "b"), (0.2, "c")]) == (0.2, "c")
+    assert world.lowest_try([(0.5, "a"), (nan, "b")]) == (0.5, "a")
+    assert math.isnan(world.lowest_try([(nan, "a")])[0])
+
+
+def test_an_interrupted_run_leaves_no_results_json(tmp_path, monkeypatch):
+    (tmp_path / "results.json").write_text('{"methods": {}}')
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(world, "generate_world", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        world.run_pipeline(tmp_path, quick=True, threads=1, log=lambda *a: None)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_metaicl_layout_and_disjoint_families(small_world):
@@ -368,7 +390,7 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
     world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert seen["run_cfg"].distiller_extra_layers == 0
-    for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5")):
+    for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--threads", "0")):
         seen.clear()
         with pytest.raises(SystemExit) as e:
             world.main(["--out", str(tmp_path), flag, value])
