@@ -428,7 +428,8 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def checkpoint_dir(cfg: EvalConfig, method: str, setting: str) -> Path:
-    return Path(getattr(cfg, method) or f"runs/finetune-{method}-{setting}/best")
+    """--{method} or train.py's default run folder; its .best.old when a crash hit mid-save (mend.saved_dir)."""
+    return mend.saved_dir(getattr(cfg, method) or f"runs/finetune-{method}-{setting}/best")
 
 
 def load_module(method: str, path: Path, llm_name: str, dtype=torch.float32, device="cpu", d_llm=None):

@@ -258,6 +258,14 @@ class PromptTuning(nn.Module):
         return model.cast(m, dtype, device).eval()   # dtype: torch dtype or "fp32"/"bf16"/"fp16"; T5 wo fp32 in fp16
 
 
+def saved_dir(path) -> Path:
+    """The folder to read a checkpoint from: path, or `.{name}.old` beside it when a crash hit between the two
+    renames of train.py's atomic save (path already moved aside, the new folder not yet in place)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    return path if path.exists() or not old.exists() else old
+
+
 def load(ckpt_dir, llm_name=None, dtype=torch.float32, device="cpu"):
     """MEND or PromptTuning, whichever save(dir) wrote there."""
     kind = _read_config(ckpt_dir, "MEND")["kind"]

@@ -124,7 +124,8 @@ class TrainConfig:
 def _init_objective(init: str) -> str:
     """The training objective recorded in an --init checkpoint (train_info.json of a best/ folder), or ''."""
     try:
-        return str(json.loads((Path(init) / "train_info.json").read_text())["config"]["objective"]) if init else ""
+        return str(json.loads((mend.saved_dir(init) / "train_info.json").read_text())["config"]["objective"]) \
+            if init else ""
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 
@@ -289,7 +290,7 @@ def build_module(cfg: TrainConfig, llm, device):
     as the official code)."""
     torch.manual_seed(cfg.seed)  # the same init on every rank
     if cfg.init:
-        path = Path(cfg.init)
+        path = mend.saved_dir(cfg.init)  # e.g. runs/pretrain-mend/best, or its .best.old after a crash mid-save
         if not (path / "config.json").is_file():
             _fail(f"--init {cfg.init!r}: expected a checkpoint folder with config.json (e.g. runs/pretrain-mend-c4/best)")
         other = _checkpoint_llm(path)
@@ -392,8 +393,7 @@ def atomic_save_dir(dst: Path, write) -> None:
 
 def load_dir(dst: Path) -> Path:
     """The checkpoint folder to read: dst, or the previous one if a crash hit between the renames of a save."""
-    old = dst.with_name(f".{dst.name}.old")
-    return dst if dst.exists() or not old.exists() else old
+    return mend.saved_dir(dst)
 
 
 def _rng_state() -> dict:

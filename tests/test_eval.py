@@ -282,6 +282,23 @@ def test_checkpoint_of_another_llm_is_refused(tmp_path, tiny_gpt2_dir, tiny_gpt2
         ev.load_module("prompt_tuning", dirs["mend"], None)
 
 
+def test_a_checkpoint_caught_mid_save_is_read_from_its_old_copy(tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir,
+                                                                tiny_metaicl_dir):
+    """A crash between the two renames of train.py's atomic save leaves run/.best.old and no run/best: eval.py
+    (and train.py --init) read the old copy, as --resume does for last/, instead of skipping the method."""
+    import shutil
+
+    dirs = _save_checkpoints(tmp_path, tiny_gpt2_dir, tiny_gpt2_distiller_dir, 64)
+    shutil.copytree(dirs["mend"], tmp_path / "run" / ".best.old")
+    args = ["--llm", tiny_gpt2_dir, "--data_dir", tiny_metaicl_dir, "--split", "tiny", "--seeds", "1",
+            "--methods", "mend", "--max_queries", "4"]
+    a = _run(args + ["--mend", dirs["mend"]], tmp_path / "a")
+    b = _run(args + ["--mend", tmp_path / "run" / "best"], tmp_path / "b")
+    assert b["skipped"] == {} and b["methods"]["mend"]["avg"] == a["methods"]["mend"]["avg"]
+    assert ev.checkpoint_dir(ev.parse_args(["--mend", str(tmp_path / "run" / "best")]), "mend", "tiny") == \
+        tmp_path / "run" / ".best.old"
+
+
 @pytest.mark.parametrize("flags", [["--k", "4", "--perturb", "random_label", "--template", "newline"],
                                    ["--select", "bm25", "--perturb", "no_label"],
                                    ["--select", "dense", "--eval_split", "dev"]])

@@ -160,6 +160,9 @@ def test_baselines_and_default_run_folders(sharp_gpt2_dir, tiny_gpt2_distiller_d
     train.main(base + ["--stage", "finetune", "--objective", "distill", "--max_steps", "2"])     # w/o L_pred
     rec = json.loads(open("runs/finetune-mend-distill-tiny/log.jsonl").readline())
     assert set(rec) >= {"distill", "loss"} and "pred" not in rec and rec["loss"] == rec["distill"]
+    (pre / "best").rename(pre / ".best.old")  # a crash between the renames of a save: --init reads the old copy
+    r = train.main(base + ["--stage", "finetune", "--init", str(pre / "best"), "--max_steps", "1", "--overwrite"])
+    assert r["out"] == str(Path("runs/finetune-mend-clm-tiny")) and r["step"] == 1  # objective read from it too
     train.main(base + ["--stage", "finetune", "--method", "prompt_tuning", "--max_steps", "40"])
     pt = Path("runs/finetune-prompt_tuning-tiny")
     assert json.load(open(pt / "best" / "config.json"))["kind"] == "prompt_tuning"
