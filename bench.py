@@ -395,9 +395,8 @@ def _build(name: str, device, dtype):
 
 def saved_mend_config(mend_dir: str) -> dict:
     """config.json of a saved MEND (mend.MEND.save): its l, projection and distiller_config."""
-    with open(os.path.join(mend_dir, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("kind") != "mend":
+    cfg = mend._read_config(mend_dir, "MEND")
+    if cfg["kind"] != "mend":
         raise ValueError(f"bench.py: --mend {mend_dir}: holds a {cfg.get('kind')!r} checkpoint, not a saved MEND")
     return cfg
 
@@ -623,7 +622,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp32 on CPU, fp16 on GPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.md, bench.png (default runs/bench; with "
+                                               "--flops-only nothing is written unless --out is given; '' = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flops-only", action="store_true",
                    help="analytic FLOPs from the configs alone (no weights, no timing): for 7B shapes on a CPU; "
@@ -761,9 +761,10 @@ def main(argv=None):
           "icl_cached / method). peak MB: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                                else "not measured on CPU") + ".")
     print("targets:\n  " + "\n  ".join(report))
-    plotted = write_outputs(rows, args.out, table, report) if args.out else False
-    if args.out:
-        print(f"wrote {os.path.join(args.out, 'bench.json')}, bench.md" + (", bench.png" if plotted else
+    out = "runs/bench" if args.out is None else args.out
+    plotted = write_outputs(rows, out, table, report) if out else False
+    if out:
+        print(f"wrote {os.path.join(out, 'bench.json')}, bench.md" + (", bench.png" if plotted else
                                                                             " (no PNG: matplotlib not installed)"))
     print(f"total {time.perf_counter() - t_start:.1f}s")
     return rows

@@ -57,16 +57,6 @@ def _llm_key(name):
     return str(name).strip().rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
 
 
-def _fsync(path):
-    """Force a written file (or a folder's entries) to disk: fsync before os.replace, so a crash or power loss
-    never leaves the new name pointing at an empty or partial file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path, obj):
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
@@ -80,7 +70,7 @@ def _write_json_atomic(path, obj):
 def _save_weights_atomic(module, path):
     tmp = Path(str(path) + ".tmp")
     save_model(module, str(tmp))    # drops the duplicate names of tied weights (wte/lm_head, shared/embed_tokens)
-    _fsync(tmp)
+    model.fsync(tmp)
     os.replace(tmp, path)
 
 

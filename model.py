@@ -1024,11 +1024,22 @@ def build_model(config: dict) -> nn.Module:
     return model
 
 
+def fsync(path):
+    """Force a written file (or a folder's entries) to disk, so that an os.replace after it never makes a name point
+    at an empty or partial file after a crash or power loss. Folders cannot be opened for fsync on Windows: skipped."""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write):  # write(tmp_path), fsync, os.replace: readers never see a partial file
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
-    with open(tmp, "rb") as f:  # on disk before the rename makes it visible (else a crash can leave it empty)
-        os.fsync(f.fileno())
+    fsync(tmp)  # on disk before the rename makes it visible
     os.replace(tmp, path)
 
 
@@ -1202,7 +1213,8 @@ def _dtype(dtype):
 
 def cast(module: nn.Module, dtype=None, device=None) -> nn.Module:
     """module.to(device, dtype) as transformers casts: in fp16 the submodules that a model (at any depth of `module`,
-    e.g. the T5 distiller inside mend.MEND) lists in keep_in_fp32 stay fp32 (T5's `wo`: fp16 overflows there)."""
+    e.g. the T5 distiller inside mend.MEND) lists in keep_in_fp32 stay fp32 (T5's `wo`: fp16 overflows there).
+    The declaration is on the whole model (T5): cast a part of it alone (t5.encoder) and it is all fp16."""
     dtype = None if dtype is None else _dtype(dtype)
     kept = []  # (parent, name, child): set aside while the rest is cast, so they never round through fp16
     for m in module.modules() if dtype == torch.float16 else ():

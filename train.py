@@ -194,8 +194,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     checks += [(name, getattr(cfg, name) >= 0, ">= 0") for name in ("eval_every", "save_every", "patience",
                                                                     "val_tasks", "val_max_queries", "warmup_steps",
                                                                     "stop_at", "lam", "gamma", "weight_decay")]
-    checks += [("min_len", 2 <= cfg.min_len <= cfg.max_len, f"2 <= min_len <= --max_len ({cfg.max_len})"),
-               ("beta", 0 < cfg.beta < 1, "0 < beta < 1"),
+    if cfg.stage == "pretrain":  # C4 passages only
+        checks += [("min_len", 2 <= cfg.min_len <= cfg.max_len, f"2 <= min_len <= --max_len ({cfg.max_len})")]
+    checks += [("beta", 0 < cfg.beta < 1, "0 < beta < 1"),
                ("lr", cfg.lr > 0, "> 0"),
                ("temperature", cfg.temperature > 0, "> 0"),
                ("adam_eps", cfg.adam_eps > 0, "> 0"),
@@ -379,7 +380,7 @@ def atomic_save_dir(dst: Path, write) -> None:
     try:
         write(tmp)
         for path in sorted(tmp.rglob("*")) + [tmp]:  # on disk before the rename: a power loss never swaps in
-            mend._fsync(path)                           # a folder of empty files
+            model.fsync(path)                           # a folder of empty files
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -387,7 +388,7 @@ def atomic_save_dir(dst: Path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(tmp, dst)
-    mend._fsync(dst.parent)  # the renames themselves
+    model.fsync(dst.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -519,14 +520,15 @@ def _truncate_log(path: Path, step: int) -> None:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
-    mend._fsync(tmp)
+    model.fsync(tmp)
     os.replace(tmp, path)
 
 
 # what a run leaves in --out: any of them refuses a fresh run without --resume or --overwrite
 RUN_FILES = ("last", "best", ".last.old", ".best.old", "log.jsonl")
-# the flags --resume may change: cadence, logging and placement, which the steps' math does not depend on
-RESUME_MAY_CHANGE = ("log_every", "eval_every", "save_every", "stop_at", "device", "val_batch_size")
+# the flags --resume may change: cadence, logging, placement and patience, on which neither the steps' math nor what
+# best/ is measured on (--val_tasks, --val_max_queries) depends
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "save_every", "stop_at", "device", "val_batch_size", "patience")
 
 
 def check_resume(cfg: TrainConfig, state: dict, last: Path, precision: str) -> None:
@@ -536,8 +538,10 @@ def check_resume(cfg: TrainConfig, state: dict, last: Path, precision: str) -> N
     saved, given = dict(state["config"]), asdict(cfg)
     if mend._llm_key(saved["llm"]) != mend._llm_key(cfg.llm):
         _fail(f"--resume: {last} was trained for --llm {saved['llm']!r}: expected --llm {cfg.llm!r}")
+    shown = dict(given)  # what the message says was given
     if "precision" in state:
         saved["precision"], given["precision"] = state["precision"], precision
+        shown["precision"] = precision if cfg.precision != "auto" else f"auto, i.e. {precision} on this device"
 
     def same(key):
         a, b = list(_tuple(saved[key])), list(_tuple(given[key]))
@@ -545,7 +549,7 @@ def check_resume(cfg: TrainConfig, state: dict, last: Path, precision: str) -> N
             a, b = [[os.path.realpath(x) if x and not x.startswith("hub:") else x for x in v] for v in (a, b)]
         return a == b
 
-    diff = [f"--{key} {saved[key]!r} (given {given[key]!r})" for key in given
+    diff = [f"--{key} {saved[key]!r} (given {shown[key]!r})" for key in given
             if key not in RESUME_MAY_CHANGE + ("out", "resume", "overwrite", "llm") and key in saved and not same(key)]
     if diff:
         _fail(f"--resume: {last} was trained with {', '.join(diff)}: expected the same values (only "

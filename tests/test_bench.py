@@ -238,7 +238,10 @@ def test_llm_flag_runs_that_llm_only(tiny_gpt2_dir):
     assert pairs == [bench.Pair("gpt2", str(tiny_gpt2_dir), "tiny-gpt2-distiller", "")]
 
 
-def test_flops_only_writes_outputs_and_checks_positions(tmp_path):
+def test_flops_only_writes_outputs_and_checks_positions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--preset", "tiny", "--flops-only"])         # no --out: nothing written (runs/bench is a timed run's)
+    assert list(tmp_path.iterdir()) == []
     rows = bench.main(["--preset", "tiny", "--flops-only", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved) == len(rows) == 2 * (6 + 4)

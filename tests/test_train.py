@@ -293,7 +293,7 @@ def test_resume_refuses_changed_settings(sharp_gpt2_dir, tiny_gpt2_distiller_dir
     train.main(run(tiny_metaicl_dir, "--stop_at", "3"))                 # last/ at step 2
     before = (out / "log.jsonl").read_text()
     last, tail = out / "last", ("expected the same values (only --log_every, --eval_every, --save_every, --stop_at, "
-                                "--device, --val_batch_size may change on resume)")
+                                "--device, --val_batch_size, --patience may change on resume)")
     msg = _exits(run(tiny_metaicl_dir, "--resume", "--max_steps", "6", "--warmup_steps", "1", "--grad_clip", "0.5",
                      "--weight_decay", "0.1", "--llm_dtype", "bf16"))
     assert msg == (f"train.py: --resume: {last} was trained with --weight_decay 0.0 (given 0.1), --warmup_steps 0 "
@@ -311,8 +311,14 @@ def test_resume_refuses_changed_settings(sharp_gpt2_dir, tiny_gpt2_distiller_dir
     assert sorted(p.name for p in out.iterdir()) == ["last", "log.jsonl"]
     # allowed: the cadence and logging flags; --precision auto is what it resolved to (fp32 on CPU)
     r = train.main(run(f"{tiny_metaicl_dir}/.", "--resume", "--log_every", "2", "--save_every", "1",
-                       "--precision", "fp32"))
+                       "--precision", "fp32", "--patience", "9"))
     assert r["step"] == 4 and sorted(_log(out)) == [1, 2, 4]
+    # a bf16 run resumed with the default --precision auto (fp32 on this CPU): the message says what auto became
+    out = tmp_path / "bf16"
+    train.main(run(tiny_metaicl_dir, "--precision", "bf16", "--stop_at", "3"))
+    assert _exits(run(tiny_metaicl_dir, "--resume")) == (
+        f"train.py: --resume: {out / 'last'} was trained with --precision 'bf16' (given 'auto, i.e. fp32 on this "
+        f"device'): {tail}")
 
 
 def test_ddp_two_gloo_processes_match_one_process(sharp_gpt2_dir, tiny_gpt2_nodrop_dir, tiny_metaicl_dir, tmp_path):
@@ -649,6 +655,12 @@ def test_numeric_flags_are_checked_one_by_one(flags, expected):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--stage", "pretrain", *flags])
     assert e.value.code == f"train.py: argument {expected}"
+
+
+def test_c4_lengths_are_checked_for_pretraining_only():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "pretrain", "--max_len", "32"])     # min_len 64 > max_len
+    assert train.parse_args(["--stage", "finetune", "--split", "tiny", "--max_len", "32"]).max_len == 32
 
 
 # ----------------------------------------------------------------------------------------------------------------
