@@ -1247,7 +1247,7 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu") -> nn.Modul
         raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     with torch.device("meta"):  # no memory, no random init: the checkpoint's tensors are copied in below
         model = model_cls(cfg)
-    ckpt = Checkpoint(files, str(files[0] if len(files) == 1 else folder))
+    ckpt = Checkpoint(files)  # ckpt.where: the file, or the folder of the shards
     load_weights(model, ckpt, keys(ckpt, model), ckpt.where, dtype, device)
     return model.eval()
 

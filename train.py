@@ -372,7 +372,7 @@ def resolve_split(cfg: TrainConfig) -> str:
 def atomic_save_dir(dst: Path, write) -> None:
     """write(tmp_dir) fills a fresh folder next to dst; then dst is swapped for it (dst -> .dst.old -> removed).
     A failure inside write() leaves dst untouched; a crash between the two renames leaves .dst.old, which
-    load_dir() falls back to."""
+    mend.saved_dir() falls back to."""
     dst = Path(dst)
     tmp, old = dst.with_name(f".{dst.name}.tmp"), dst.with_name(f".{dst.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -390,11 +390,6 @@ def atomic_save_dir(dst: Path, write) -> None:
     os.replace(tmp, dst)
     model.fsync(dst.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
-
-
-def load_dir(dst: Path) -> Path:
-    """The checkpoint folder to read: dst, or the previous one if a crash hit between the renames of a save."""
-    return mend.saved_dir(dst)
 
 
 def _rng_state() -> dict:
@@ -562,7 +557,7 @@ def train(cfg: TrainConfig) -> dict:
     setting = resolve_split(cfg)
     out = default_out(cfg, setting)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    last = load_dir(out / "last")
+    last = mend.saved_dir(out / "last")  # or .last.old after a crash mid-save
     found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume and not (last / STATE_FILE).is_file():
         if found:  # killed before its first save: best/ and log.jsonl, nothing to continue from

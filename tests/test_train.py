@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mend
 import model
 import train
 
@@ -461,7 +462,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
     assert (dst / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     # a crash between the two renames (dst already moved aside): the previous checkpoint is still found
     os.replace(dst, tmp_path / ".last.old")
-    assert train.load_dir(dst) == tmp_path / ".last.old"
+    assert mend.saved_dir(dst) == tmp_path / ".last.old"
 
 
 def test_atomic_writes_fsync_before_the_rename(tmp_path, monkeypatch):
