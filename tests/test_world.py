@@ -175,6 +175,34 @@ def test_pretrain_roundtrip_and_icl_scorer(quick_world, tmp_path):
     assert 25 < acc["chance"] < 55
 
 
+def test_pretrain_starts_over_when_the_icl_probe_fails(quick_world, tmp_path):
+    """LMConfig.tries: a try whose icl_probe at probe_step is below probe_min starts over with the next seed, the
+    last try runs to the end, and probing leaves training untouched (the saved LM is bit for bit the one a plain
+    run with that seed saves)."""
+    tok = world.train_tokenizer(world.corpus_texts(quick_world))
+    base = dict(n_embd=32, n_head=2, steps=30, batch_size=4, warmup=5, threads=1)
+    lines = []
+    res = world.pretrain_lm(quick_world, tmp_path / "tried", world.LMConfig(**base, tries=2, probe_step=10,
+                                                                             probe_min=101.0), tokenizer=tok,
+                            log=lines.append)
+    assert res["seed"] == 1 and [p[:2] for p in res["probes"]] == [[0, 10], [1, 10]]
+    assert all(0 <= p[2] <= 100 for p in res["probes"])
+    restart = [line for line in lines if "starting over with seed 1" in line]
+    assert restart == [f"pretrain gpt2: in-context probe {res['probes'][0][2]:.1f}% < 101% at step 10 (seed 0): "
+                       f"no ICL yet; starting over with seed 1 (try 2 of 2)"]
+    plain = world.pretrain_lm(quick_world, tmp_path / "plain", world.LMConfig(**base, seed=1), tokenizer=tok,
+                              log=lambda *a: None)
+    assert plain["seed"] == 1 and plain["probes"] == [] and plain["final_loss"] == res["final_loss"]
+    a, b = model.from_pretrained(tmp_path / "tried").state_dict(), model.from_pretrained(tmp_path / "plain").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a passing probe goes on with the first seed
+    ok = world.pretrain_lm(quick_world, tmp_path / "ok", world.LMConfig(**base, tries=3, probe_step=10, probe_min=0.0),
+                           tokenizer=tok, log=lambda *a: None)
+    assert ok["seed"] == 0 and len(ok["probes"]) == 1
+    with pytest.raises(ValueError, match=r"^world.py: LMConfig.tries=0: expected >= 1$"):
+        world.pretrain_lm(quick_world, tmp_path / "bad", world.LMConfig(**base, tries=0), tokenizer=tok)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
 def test_deepen_adds_identity_blocks(family):
     """The distiller's extra blocks (RunConfig.distiller_extra_layers): depth + 3, the same outputs as the original
@@ -390,7 +418,11 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
     world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert seen["run_cfg"].distiller_extra_layers == 0
-    for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--threads", "0")):
+    assert (seen["run_cfg"].llm["tries"], seen["run_cfg"].llm["probe_min"]) == (3, 50.0)   # the default
+    world.main(["--out", str(tmp_path), "--llm_tries", "1"])
+    assert seen["run_cfg"].llm == dict(world.RunConfig().llm, tries=1)
+    for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
+                        ("--threads", "0")):
         seen.clear()
         with pytest.raises(SystemExit) as e:
             world.main(["--out", str(tmp_path), flag, value])
