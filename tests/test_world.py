@@ -190,17 +190,52 @@ def test_pretrain_starts_over_when_the_icl_probe_fails(quick_world, tmp_path):
     restart = [line for line in lines if "starting over with seed 1" in line]
     assert restart == [f"pretrain gpt2: in-context probe {res['probes'][0][2]:.1f}% < 101% at step 10 (seed 0): "
                        f"no ICL yet; starting over with seed 1 (try 2 of 2)"]
+    assert f"pretrain gpt2: in-context probe {res['probes'][1][2]:.1f}% < 101% at step 10 (seed 1; the last try): " \
+           f"going on" in lines
     plain = world.pretrain_lm(quick_world, tmp_path / "plain", world.LMConfig(**base, seed=1), tokenizer=tok,
                               log=lambda *a: None)
     assert plain["seed"] == 1 and plain["probes"] == [] and plain["final_loss"] == res["final_loss"]
     a, b = model.from_pretrained(tmp_path / "tried").state_dict(), model.from_pretrained(tmp_path / "plain").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a passing probe goes on with the first seed
+    lines.clear()
     ok = world.pretrain_lm(quick_world, tmp_path / "ok", world.LMConfig(**base, tries=3, probe_step=10, probe_min=0.0),
-                           tokenizer=tok, log=lambda *a: None)
+                           tokenizer=tok, log=lines.append)
     assert ok["seed"] == 0 and len(ok["probes"]) == 1
-    with pytest.raises(ValueError, match=r"^world.py: LMConfig.tries=0: expected >= 1$"):
+    assert f"pretrain gpt2: in-context probe {ok['probes'][0][2]:.1f}% >= 0% at step 10 (seed 0): going on" in lines
+    with pytest.raises(ValueError, match=r"^world.py: LMConfig tries=0: expected >= 1$"):
         world.pretrain_lm(quick_world, tmp_path / "bad", world.LMConfig(**base, tries=0), tokenizer=tok)
+    with pytest.raises(ValueError, match=r"^world.py: LMConfig probe_step=31 with tries=2: expected a step in 1\.\.30 "
+                                         r"\(steps=30\); raise the steps or use tries=1 \(--llm_tries 1\)$"):
+        world.pretrain_lm(quick_world, tmp_path / "bad", world.LMConfig(**base, tries=2, probe_step=31), tokenizer=tok)
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.llm probe_step=2000 with tries=3: expected a step"):
+        world.RunConfig(llm=dict(steps=1000, tries=3))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_icl_probe_scores_the_label_that_follows_the_query_in_D(quick_world, monkeypatch):
+    """icl_probe's bookkeeping: with a scorer that answers by induction (the word after the query's earlier
+    occurrence in D) it reports 100%; with one that scores every option alike, the share of queries whose answer
+    is the task's first label (about 1 / #labels); the same seed gives the same probe, another seed other tasks."""
+    summary = json.loads((quick_world / "world.json").read_text())
+    wcfg = world.WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    lex = summary["lexicon"]
+
+    def induction(lm, tokenizer, contexts, options, batch_size=64):
+        out = []
+        for c, o in zip(contexts, options):
+            words = c.split()
+            follows = {words[i]: words[i + 1] for i in range(0, len(words) - 1, 2)}  # D: x1 y1 x2 y2 ..., then x
+            out.append(float(follows[words[-1]] == o))
+        return out
+
+    lm = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(world, "score_options", induction)
+    assert world.icl_probe(lm, None, lex, wcfg) == 100.0 and lm.training
+    # all options tie: argmax takes each query's first option, the task's first label
+    monkeypatch.setattr(world, "score_options", lambda lm, tok, contexts, options, batch_size=64: [0.0] * len(options))
+    p = world.icl_probe(lm, None, lex, wcfg)
+    assert 15 < p < 60 and p == world.icl_probe(lm, None, lex, wcfg) != world.icl_probe(lm, None, lex, wcfg, seed=1)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
@@ -242,7 +277,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step counts): the accuracy targets
     are measured by the full run (README)."""
     w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
-    r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8),
+    # two LLM tries with a probe every LM passes: the probe runs through this family's scorer, the first try is kept
+    r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8, tries=2, probe_step=10, probe_min=0.0),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
                         l=2, stage1_warmup=((8, 0.5, 2, 4, 4e-3), (0, 0.8, 2, 8, 3e-3)), stage1_restarts=2,
                         stage1_fallback=(8, 0.5, 3, 4, 5e-3), stage1_plateau=0.0 if family == "gpt2" else 100.0,
@@ -250,6 +286,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                         clm_curriculum=family == "gpt2")
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
+    assert res["llm"]["seed"] == 0 and [p[:2] for p in res["llm"]["probes"]] == [[0, 10]]
+    assert 0 <= res["llm"]["probes"][0][2] <= 100 and res["llm"]["final_loss"] > 0
     dist = model.load_config(tmp_path / "distiller")
     if family == "gpt2":  # a copy of the LLM + RunConfig.distiller_extra_layers identity blocks (default 2)
         llm_cfg = model.load_config(tmp_path / "llm")
@@ -378,12 +416,13 @@ def test_quick_world_learns_in_context(tmp_path):
     """Issue 9's CI guard: `python world.py --quick` (the CI-sized world and run, on both cores of the CI machine
     as `python world.py` runs by default: ~5 min on this project's 2-core VM) trains a tiny LLM that really learns
     in context on 24 held-out tasks, and MEND, trained through train.py's two stages with the short-to-long
-    curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured: ICL 74.3, MEND 59.2,
-    zero-shot 37.5, chance 34.7). Zero-shot sits within 5 points of chance (item 4), MEND's stage-1 L_distill
-    falls within the first and the final curriculum phase (measured 0.60 -> 0.067 on 8-token passages, 0.84 -> 0.41
-    on whole passages), and Table 4's no-pretraining row (MEND's finetuning from the distiller as is) stays 10
-    points below MEND (measured 35.8). Bit for bit the same on one machine; another CPU may take another
-    trajectory (README)."""
+    curriculum, distills the demonstrations into l = 4 vectors that carry the rule (measured on stop 26's Intel VM:
+    ICL 75.8, MEND 68.9, zero-shot 37.0, chance 34.7). Zero-shot sits within 5 points of chance (item 4), MEND's
+    stage-1 L_distill falls within the first and the final curriculum phase (measured 0.77 -> 0.014 on 8-token
+    passages, 0.69 -> 0.37 on whole passages), and Table 4's no-pretraining row (MEND's finetuning from the
+    distiller as is) stays 10 points below MEND (measured 35.8). Bit for bit the same on one machine; another CPU
+    may take another trajectory (README: stop 25's first phase, 500 steps at lr 4e-3, bound on the AMD VM and
+    stayed on the plateau on the Intel one, MEND 36.1)."""
     threads = torch.get_num_threads()
     try:  # two intra-op threads: the suite's other tests run on one (conftest), this one has the machine to itself
         res = world.run_pipeline(tmp_path, quick=True, threads=2, log=lambda *a: None)
@@ -392,10 +431,10 @@ def test_quick_world_learns_in_context(tmp_path):
     m = res["methods"]
     print("quick world:", {k: round(v, 1) for k, v in m.items()}, "chance", round(res["chance"], 1))
     assert m["icl"] >= m["zero_shot"] + 10, m
-    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +21.7
+    assert m["mend"] >= m["zero_shot"] + 10, m                              # measured +31.9
     assert m["icl"] >= res["chance"] + 20, (m, res["chance"])
-    assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured +2.8)
-    assert m["mend"] >= res["ablation"]["mend_no_pretraining"] + 10, res["ablation"]  # Table 4 (measured +23.4)
+    assert abs(m["zero_shot"] - res["chance"]) <= 5, (m, res["chance"])  # item 4; 24 held-out tasks (measured +2.3)
+    assert m["mend"] >= res["ablation"]["mend_no_pretraining"] + 10, res["ablation"]  # Table 4 (measured +33.1)
     for run in ("pretrain-mend-warmup1", "pretrain-mend"):
         s1 = [json.loads(line) for line in open(tmp_path / "runs" / run / "log.jsonl")]
         distill = [r["distill"] for r in s1 if "distill" in r]
@@ -408,7 +447,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     seen = {}
     monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, run_cfg: seen.update(
         out=out, quick=quick, threads=threads, run_cfg=run_cfg))
-    world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100"])
+    world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100", "--llm_tries",
+                "1"])
     r = seen["run_cfg"]
     assert (r.l, r.stage1_restarts, r.llm["steps"]) == (8, 2, 100) and r.llm["batch_size"] == 32
     assert (r.stage1_steps, seen["quick"], seen["threads"]) == (world.RunConfig().stage1_steps, False, 2)
@@ -421,6 +461,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert (seen["run_cfg"].llm["tries"], seen["run_cfg"].llm["probe_min"]) == (3, 50.0)   # the default
     world.main(["--out", str(tmp_path), "--llm_tries", "1"])
     assert seen["run_cfg"].llm == dict(world.RunConfig().llm, tries=1)
+    world.main(["--out", str(tmp_path), "--quick", "--llm_tries", "2"])
+    assert seen["run_cfg"].llm == dict(steps=2000, batch_size=32, tries=2, probe_step=1500, probe_min=50.0)
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
                         ("--threads", "0")):
         seen.clear()
@@ -429,6 +471,11 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
         assert e.value.code == 2 and seen == {}
         assert capsys.readouterr().err.splitlines()[-1] == \
             f"world.py: error: argument {flag}: expected an integer >= 1, got {value}"
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--llm_steps", "1500"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --llm_steps: 1500 ends before the LLM's in-context probe at step 2000 (3 tries); " \
+        "raise --llm_steps or pass --llm_tries 1"
     with pytest.raises(SystemExit):
         world.main(["--out", str(tmp_path), "--distiller_extra_layers", "-1"])
     assert capsys.readouterr().err.splitlines()[-1] == \
