@@ -666,7 +666,13 @@ class RunConfig:
     # per phase (the last repeats), or one for all. The later phases run once: their seeds moved MEND ~2 points
     stage1_restarts: tuple = (3, 1)
     # when every try of the first phase ends above stage1_plateau (stuck), one more try with this phase (seed `seed`)
-    stage1_fallback: tuple = (8, 0.5, 500, 64, 4e-3)
+    # and placeholder init (train.py --placeholder_init). Since stop 26: the first phase's own recipe with the
+    # placeholders started from LLM token embeddings ("vocab"); on an LLM whose three random-init tries stayed at
+    # 0.23-0.25 it ended at 0.048 and MEND stage 1 reached 65.4 instead of 38.5, where stop 17's fallback (500 steps
+    # at lr 4e-3, random init) ended at 0.392 (README, "Stop 26"). It is no better in general (0.18 and 0.13 on two
+    # LLMs whose random-init tries left the plateau): another draw, not a better recipe
+    stage1_fallback: tuple = (8, 0.5, 1000, 64, 2e-3)
+    stage1_fallback_init: str = "vocab"
     stage1_plateau: float = 0.1
     stage1_steps: int = 1000
     stage1_batch_size: int = 64
@@ -691,6 +697,11 @@ class RunConfig:
     bench: bool = True
 
     def __post_init__(self):
+        import mend
+
+        if self.stage1_fallback_init not in mend.INITS:
+            raise ValueError(f"world.py: RunConfig.stage1_fallback_init={self.stage1_fallback_init!r}: expected one "
+                             f"of {', '.join(mend.INITS)}")
         llm = LMConfig(**self.llm)
         check_tries(llm.tries, llm.probe_step, llm.steps, "RunConfig.llm")
         if self.distiller_extra_layers < 0:
@@ -806,12 +817,12 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     stage1 = ["--stage", "pretrain", "--c4", *shards]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
 
-    def warmup_try(objective, phase_cfg, out_i, seed_i, init):  # one run of a warm-up phase -> (end loss, dir)
+    def warmup_try(objective, phase_cfg, out_i, seed_i, init, extra=()):  # one warm-up run -> (end loss, dir)
         max_len, beta, steps, batch, lr = phase_cfg
         lengths = ["--max_len", str(max_len), "--min_len", str(max_len)] if max_len else whole
         res = train.main([*stage1, "--objective", objective, *lengths, "--beta", str(beta), "--lr", str(lr),
                           "--batch_size", str(batch), "--eval_every", "0", "--max_steps", str(steps), "--out",
-                          str(out_i), *init, *common, "--seed", str(seed_i)])
+                          str(out_i), *init, *common, "--seed", str(seed_i), *extra])
         return res["log"][-1][objective], out_i
 
     def curriculum(objective, name):  # the warm-up phases (RunConfig) -> --init flags for the final phase
@@ -822,7 +833,8 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
                      for r in range(rcfg.restarts(i))]  # the lowest end-of-phase loss goes on (RunConfig)
             if objective == "distill" and i == 0 and rcfg.stage1_fallback and \
                     not lowest_try(tries)[0] <= rcfg.stage1_plateau:
-                tries.append(warmup_try(objective, rcfg.stage1_fallback, runs / f"{run}-fallback", seed, init))
+                tries.append(warmup_try(objective, rcfg.stage1_fallback, runs / f"{run}-fallback", seed, init,
+                                        ["--placeholder_init", rcfg.stage1_fallback_init]))
             best = lowest_try(tries)
             log(f"[world.py] stage-1 {name} warm-up {i + 1}: end-of-phase {objective} loss " +
                 ", ".join(f"{d:.3f} ({o.name})" for d, o in tries) + f"; going on from {best[1].name}")

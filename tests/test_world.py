@@ -338,6 +338,7 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     if family == "gpt2":
         c = info("pretrain-mend-warmup1-fallback")
         assert (c["max_len"], c["batch_size"], c["max_steps"], c["lr"], c["seed"]) == (8, 4, 3, 5e-3, 0)
+        assert c["placeholder_init"] == r.stage1_fallback_init == "vocab" and phases[0]["placeholder_init"] == "random"
     for i, following in ((1, "pretrain-mend-warmup2"), (2, "pretrain-mend")):
         tries = [f"pretrain-mend-warmup{i}", f"pretrain-mend-warmup{i}-try2"]
         assert [info(t)["seed"] for t in tries] == [0, 1] and [info(t)["init"] for t in tries] == [init, init]
@@ -376,6 +377,9 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
                                          r"\(max_len, beta, steps, batch_size, lr\)$"):
         world.RunConfig(stage1_warmup=((8, 0.5, 500, 64),))
     assert world.RunConfig(stage1_warmup=[[8, 0.5, 500, 64, 4e-3]]).stage1_warmup == [[8, 0.5, 500, 64, 4e-3]]
+    with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_fallback_init='zeros': expected one of "
+                                         r"random, vocab$"):
+        world.RunConfig(stage1_fallback_init="zeros")
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.stage1_fallback \(8, 0.5, 500\): expected "
                                          r"\(max_len, beta, steps, batch_size, lr\)$"):
         world.RunConfig(stage1_fallback=(8, 0.5, 500))
