@@ -659,7 +659,7 @@ class RunConfig:
     # The first phase ends either near 0.01-0.06 (the slots copy D) or stuck at 0.16-0.19, and which copying solution
     # it finds sets where stage 1 lands (README, "The plateau is chosen in the first warm-up phase"): solutions found
     # at lr 2e-3 led to MEND stage 1 62-73 (mean 69), those found at 3e-3 / 4e-3 to 58-65 (mean 62). At 2e-3 for
-    # 1,000 steps 4 seeds in 9 leave the plateau; at 4e-3 for 500 steps, 5 in 6: that is stage1_fallback
+    # 1,000 steps 4 seeds in 9 leave the plateau (AMD VM's LLM); stage1_fallback (below) is the extra try
     stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3), (32, 0.5, 500, 64, 2e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
     # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int
