@@ -751,6 +751,27 @@ def _accuracy(result: dict, method: str) -> float:
     return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
 
 
+def by_shape(results: dict, rules: dict) -> dict:
+    """{"KxL": {"tasks": n, method: accuracy %}}: each method's accuracy (mean over seeds per task, then over the
+    tasks of that shape) by task shape, K keys (items) mapped onto L label words (world.json "rules"). results:
+    {method: eval.py result}. The tasks-weighted mean over shapes is _accuracy's figure."""
+    per_task = {}
+    for method, result in results.items():
+        for r in result["methods"][method]["runs"]:
+            per_task.setdefault(r["task"], {}).setdefault(method, []).append(r["accuracy"])
+    shapes = {}
+    for task, accs in per_task.items():
+        rule = rules[task]
+        s = shapes.setdefault(f"{len(rule)}x{len(set(rule.values()))}", {"tasks": 0, **{m: 0.0 for m in results}})
+        s["tasks"] += 1
+        for m, v in accs.items():
+            s[m] += sum(v) / len(v)
+    for s in shapes.values():
+        for m in results:
+            s[m] /= s["tasks"]
+    return dict(sorted(shapes.items()))
+
+
 def lowest_try(tries: list) -> tuple:
     """The (end-of-phase loss, run folder) of a warm-up phase's tries that goes on: the lowest loss; a diverged (NaN)
     try never wins over a finite one."""
@@ -870,6 +891,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     main_methods = ["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"]
     res = evaluate.main([*ev, "--methods", *main_methods, "--out", str(out / "eval")])
     methods = {m: _accuracy(res, m) for m in main_methods}
+    shapes = by_shape({"icl": res, "mend": res}, summary["rules"])  # where MEND loses to ICL (README)
     macro_f1 = {m: res["methods"][m]["avg"] for m in main_methods}
     ablation = {"mend": methods["mend"]}
     for key, run, folder in TABLE4:  # Table 4, + the distill-pretrained module before stage 2
@@ -896,8 +918,8 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
         phase("bench")
 
     result = {"methods": methods, "chance": summary["chance"], "l": rcfg.l, "mean_demo_tokens": mean_demo,
-              "macro_f1": macro_f1, "ablation": ablation, "k_sweep": k_sweep, "family": family, "quick": quick,
-              "seed": seed, "n_test_tasks": len(summary["test_tasks"]), "seconds": times,
+              "macro_f1": macro_f1, "ablation": ablation, "k_sweep": k_sweep, "by_shape": shapes, "family": family,
+              "quick": quick, "seed": seed, "n_test_tasks": len(summary["test_tasks"]), "seconds": times,
               "total_seconds": round(time.time() - t_all, 1), "world": asdict(wcfg), "run": asdict(rcfg),
               "llm": llm_info}
     _write_json(out / "results.json", result)
@@ -921,6 +943,9 @@ def result_table(r: dict) -> str:
                                              else "not run (--clm_curriculum)"),
              "", "K sweep (accuracy %): " + ", ".join(f"K={k}: ICL {v['icl']:.1f} MEND {v['mend']:.1f}"
                                                       for k, v in r["k_sweep"].items())]
+    if "by_shape" in r:
+        lines += ["", "by task shape (keys x labels (tasks): ICL / MEND, accuracy %): " + ", ".join(
+            f"{k} ({v['tasks']}): {v['icl']:.1f} / {v['mend']:.1f}" for k, v in r["by_shape"].items())]
     ks = sorted(r["k_sweep"], key=int)
     checks = [("zero-shot within 5 of chance", abs(m["zero_shot"] - r["chance"]) <= 5),
               ("ICL >= zero-shot + 20", m["icl"] >= m["zero_shot"] + 20),

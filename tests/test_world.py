@@ -53,6 +53,16 @@ def test_world_config_k_is_16_and_lowest_try():
     assert math.isnan(world.lowest_try([(nan, "a")])[0])
 
 
+def test_by_shape_averages_seeds_then_tasks_of_each_shape():
+    run = lambda task, seed, acc: {"task": task, "seed": seed, "accuracy": acc}
+    result = {"methods": {"icl": {"runs": [run("a", 1, 100.0), run("a", 2, 50.0), run("b", 1, 25.0),
+                                           run("c", 1, 40.0)]},
+                          "mend": {"runs": [run("a", 1, 0.0), run("b", 1, 100.0), run("c", 1, 10.0)]}}}
+    rules = {"a": {"k1": "x", "k2": "y"}, "b": {"k1": "x", "k2": "y"}, "c": {"k1": "x", "k2": "x", "k3": "z"}}
+    assert world.by_shape({"icl": result, "mend": result}, rules) == {
+        "2x2": {"tasks": 2, "icl": (75.0 + 25.0) / 2, "mend": 50.0}, "3x2": {"tasks": 1, "icl": 40.0, "mend": 10.0}}
+
+
 def test_an_interrupted_run_leaves_no_results_json(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text('{"methods": {}}')
     def boom(*a, **k):
@@ -304,6 +314,17 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                                     "mend_stage1_only"} | ({"mend_clm_pretraining"} if r.clm_curriculum else set())
     assert all(0 <= v <= 100 for v in res["ablation"].values()) and res["ablation"]["mend"] == res["methods"]["mend"]
     assert set(res["seconds"]) == {"generate", "llm", "distiller", "stage1", "stage2", "eval", "bench"}
+    # by task shape: every meta-test task in one shape (keys x labels of world.json's rule), the task-weighted mean
+    # over shapes is the headline accuracy
+    rules = json.loads((tmp_path / "world" / "world.json").read_text())["rules"]
+    shapes = res["by_shape"]
+    assert sum(s["tasks"] for s in shapes.values()) == res["n_test_tasks"]
+    assert set(shapes) == {f"{len(r)}x{len(set(r.values()))}" for t, r in rules.items() if t.startswith("world_test")}
+    for m in ("icl", "mend"):
+        assert sum(s["tasks"] * s[m] for s in shapes.values()) / res["n_test_tasks"] == pytest.approx(res["methods"][m])
+    k, v = next(iter(shapes.items()))
+    assert (f"by task shape (keys x labels (tasks): ICL / MEND, accuracy %): {k} ({v['tasks']}): {v['icl']:.1f} / "
+            f"{v['mend']:.1f}") in world.result_table(res)
     info = lambda run: json.loads((tmp_path / "runs" / run / "best" / "train_info.json").read_text())["config"]
     for run in ("pretrain-mend-warmup1", "pretrain-mend-warmup2", "pretrain-mend", "pretrain-hypertuning",
                 "finetune-mend", "finetune-hypertuning", "finetune-mend-pred", "finetune-prompt_tuning",
