@@ -3,6 +3,7 @@ layout) with label-disjoint meta-train / meta-test families and demonstrations t
 round-trips through model.py; run_pipeline runs train.py / eval.py / bench.py end to end in miniature for every
 family; and the CI-sized quick run learns in context (ICL and MEND >= zero-shot + 10). MEND's other accuracy
 targets of issue 9 are measured by the full run, not asserted here (README, the tiny world)."""
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -470,8 +471,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` sets those RunConfig fields (the rest stays the
     default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
     seen = {}
-    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, run_cfg: seen.update(
-        out=out, quick=quick, threads=threads, run_cfg=run_cfg))
+    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg:
+                        seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg, run_cfg=run_cfg))
     world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100", "--llm_tries",
                 "1"])
     r = seen["run_cfg"]
@@ -481,8 +482,14 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     world.main(["--out", str(tmp_path), "--quick", "--clm_curriculum"])
     assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
+    assert seen["world_cfg"] is None                                                # the default world
     world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert seen["run_cfg"].distiller_extra_layers == 0
+    world.main(["--out", str(tmp_path), "--seed", "3", "--fillers", "0", "1"])
+    assert seen["world_cfg"] == world.WorldConfig(seed=3, fillers_per_input=(0, 1))
+    world.main(["--out", str(tmp_path), "--quick", "--fillers", "1", "2"])
+    assert seen["world_cfg"] == dataclasses.replace(world.WorldConfig.quick(0), fillers_per_input=(1, 2))
+    world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert (seen["run_cfg"].llm["tries"], seen["run_cfg"].llm["probe_min"]) == (3, 50.0)   # the default
     world.main(["--out", str(tmp_path), "--llm_tries", "1"])
     assert seen["run_cfg"].llm == dict(world.RunConfig().llm, tries=1)
@@ -505,3 +512,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
         world.main(["--out", str(tmp_path), "--distiller_extra_layers", "-1"])
     assert capsys.readouterr().err.splitlines()[-1] == \
         "world.py: error: argument --distiller_extra_layers: expected an integer >= 0, got -1"
+    seen.clear()
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--fillers", "2", "1"])
+    assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --fillers: expected 0 <= MIN <= MAX, got 2 1"
