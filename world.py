@@ -743,33 +743,33 @@ TABLE4 = (("mend_without_L_distill", "finetune-mend-pred", "eval-mend-pred"),
           ("mend_stage1_only", "pretrain-mend", "eval-mend-stage1"))
 
 
-def _accuracy(result: dict, method: str) -> float:
-    """eval.py's result -> accuracy in percent of `method`, mean over seeds per task, then over tasks."""
+def _per_task(result: dict, method: str) -> dict:
+    """eval.py's result -> {task: accuracy in percent of `method`, mean over seeds}."""
     per_task = {}
     for r in result["methods"][method]["runs"]:
         per_task.setdefault(r["task"], []).append(r["accuracy"])
-    return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
+    return {task: sum(v) / len(v) for task, v in per_task.items()}
 
 
-def by_shape(results: dict, rules: dict) -> dict:
-    """{"KxL": {"tasks": n, method: accuracy %}}: each method's accuracy (mean over seeds per task, then over the
-    tasks of that shape) by task shape, K keys (items) mapped onto L label words (world.json "rules"). results:
-    {method: eval.py result}. The tasks-weighted mean over shapes is _accuracy's figure."""
-    per_task = {}
-    for method, result in results.items():
-        for r in result["methods"][method]["runs"]:
-            per_task.setdefault(r["task"], {}).setdefault(method, []).append(r["accuracy"])
+def _accuracy(result: dict, method: str) -> float:
+    """eval.py's result -> accuracy in percent of `method`, mean over seeds per task, then over tasks."""
+    per_task = _per_task(result, method)
+    return sum(per_task.values()) / len(per_task)
+
+
+def by_shape(result: dict, rules: dict, methods=("icl", "mend")) -> dict:
+    """{"KxL": {"tasks": n, method: accuracy %}}: each method's accuracy in eval.py's result (mean over seeds per
+    task, then over the tasks of that shape) by task shape, K keys (items) mapped onto L label words (world.json
+    "rules"; every method scored on the same tasks). The tasks-weighted mean over shapes is _accuracy's figure."""
+    per_task = {m: _per_task(result, m) for m in methods}
     shapes = {}
-    for task, accs in per_task.items():
+    for task in per_task[methods[0]]:
         rule = rules[task]
-        s = shapes.setdefault(f"{len(rule)}x{len(set(rule.values()))}", {"tasks": 0, **{m: 0.0 for m in results}})
+        s = shapes.setdefault(f"{len(rule)}x{len(set(rule.values()))}", {"tasks": 0, **{m: 0.0 for m in methods}})
         s["tasks"] += 1
-        for m, v in accs.items():
-            s[m] += sum(v) / len(v)
-    for s in shapes.values():
-        for m in results:
-            s[m] /= s["tasks"]
-    return dict(sorted(shapes.items()))
+        for m in methods:
+            s[m] += per_task[m][task]
+    return {k: {"tasks": v["tasks"], **{m: v[m] / v["tasks"] for m in methods}} for k, v in sorted(shapes.items())}
 
 
 def lowest_try(tries: list) -> tuple:
@@ -891,7 +891,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     main_methods = ["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"]
     res = evaluate.main([*ev, "--methods", *main_methods, "--out", str(out / "eval")])
     methods = {m: _accuracy(res, m) for m in main_methods}
-    shapes = by_shape({"icl": res, "mend": res}, summary["rules"])  # where MEND loses to ICL (README)
+    shapes = by_shape(res, summary["rules"])                       # where MEND loses to ICL (README)
     macro_f1 = {m: res["methods"][m]["avg"] for m in main_methods}
     ablation = {"mend": methods["mend"]}
     for key, run, folder in TABLE4:  # Table 4, + the distill-pretrained module before stage 2

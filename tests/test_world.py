@@ -59,8 +59,9 @@ def test_by_shape_averages_seeds_then_tasks_of_each_shape():
     result = {"methods": {"icl": {"runs": [run("a", 1, 100.0), run("a", 2, 50.0), run("b", 1, 25.0),
                                            run("c", 1, 40.0)]},
                           "mend": {"runs": [run("a", 1, 0.0), run("b", 1, 100.0), run("c", 1, 10.0)]}}}
-    rules = {"a": {"k1": "x", "k2": "y"}, "b": {"k1": "x", "k2": "y"}, "c": {"k1": "x", "k2": "x", "k3": "z"}}
-    assert world.by_shape({"icl": result, "mend": result}, rules) == {
+    rules = {"a": {"k1": "x", "k2": "y"}, "b": {"k1": "x", "k2": "y"}, "c": {"k1": "x", "k2": "x", "k3": "z"},
+             "not_evaluated": {"k1": "x", "k2": "y", "k3": "z", "k4": "w"}}   # a meta-train task: no shape of its own
+    assert world.by_shape(result, rules) == {
         "2x2": {"tasks": 2, "icl": (75.0 + 25.0) / 2, "mend": 50.0}, "3x2": {"tasks": 1, "icl": 40.0, "mend": 10.0}}
 
 
@@ -485,16 +486,15 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert seen["world_cfg"] is None                                                # the default world
     world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert seen["run_cfg"].distiller_extra_layers == 0
-    world.main(["--out", str(tmp_path), "--seed", "3", "--fillers", "0", "1"])
-    assert seen["world_cfg"] == world.WorldConfig(seed=3, fillers_per_input=(0, 1))
-    world.main(["--out", str(tmp_path), "--quick", "--fillers", "1", "2"])
-    assert seen["world_cfg"] == dataclasses.replace(world.WorldConfig.quick(0), fillers_per_input=(1, 2))
-    world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert (seen["run_cfg"].llm["tries"], seen["run_cfg"].llm["probe_min"]) == (3, 50.0)   # the default
     world.main(["--out", str(tmp_path), "--llm_tries", "1"])
     assert seen["run_cfg"].llm == dict(world.RunConfig().llm, tries=1)
     world.main(["--out", str(tmp_path), "--quick", "--llm_tries", "2"])
     assert seen["run_cfg"].llm == dict(steps=2000, batch_size=32, tries=2, probe_step=1500, probe_min=50.0)
+    world.main(["--out", str(tmp_path), "--seed", "3", "--fillers", "0", "1"])
+    assert seen["world_cfg"] == world.WorldConfig(seed=3, fillers_per_input=(0, 1))
+    world.main(["--out", str(tmp_path), "--quick", "--fillers", "1", "2"])
+    assert seen["world_cfg"] == dataclasses.replace(world.WorldConfig.quick(0), fillers_per_input=(1, 2))
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
                         ("--threads", "0")):
         seen.clear()
