@@ -20,7 +20,7 @@ It holds, top to bottom:
      with a few seeds and the lowest L_distill kept, plus a fallback when every first-phase try stays stuck; clm
      for HyperTuning, optionally through the same curriculum) ->
      stage 2 (finetune; pred for HyperTuning; PromptTuning; the rows of the paper's Table 4) -> eval.py (5
-     methods, Table 4, K sweep) -> bench.py -> DIR/results.json.
+     methods, Table 4, K sweep) -> bench.py -> DIR/results.json; on the CPU by default, on a GPU with --device cuda.
 
 Connections: imports model.py (LM phases), and train.py, eval.py, data.py, bench.py in run_pipeline; data.py reads
 what generate_world writes. The world is byte-deterministic by --seed (string-seeded random.Random per file, gzip
@@ -310,6 +310,7 @@ class LMConfig:
     weight_decay: float = 0.01
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"           # cpu | cuda (world.py --device)
     pos_init: float = 0.0         # GPT-2: > 0 initializes the learned positions with sinusoids of this amplitude
     # ICL appears as a phase change whose timing is chaotic: the same recipe and seed gave ICL 82 with 1 thread and
     # 65 with 2 on one CPU (float rounding). tries > 1: at probe_step, an LM whose icl_probe is below probe_min
@@ -392,8 +393,8 @@ def deepen(lm, extra: int):
     return deeper
 
 
-def _pad(rows: list, pad_id: int = 0):
-    """Right-pad lists of ids -> (ids (B,T) long, mask (B,T) long)."""
+def _pad(rows: list, pad_id: int = 0, device=None):
+    """Right-pad lists of ids -> (ids (B,T) long, mask (B,T) long), on `device` (default: the CPU)."""
     import torch
 
     T = max(len(r) for r in rows)
@@ -402,7 +403,7 @@ def _pad(rows: list, pad_id: int = 0):
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def lm_loss(lm, ids, mask, family: str, rng: random.Random = None):
@@ -421,8 +422,8 @@ def lm_loss(lm, ids, mask, family: str, rng: random.Random = None):
         cut = int(m * (0.2 + 0.6 * rng.random())) if rng else int(0.8 * m)
         enc.append(row[:cut])
         dec.append(row[cut:m] + [1])                                            # ... <eos>
-    enc_ids, enc_mask = _pad(enc)
-    labels, dec_mask = _pad(dec)
+    enc_ids, enc_mask = _pad(enc, device=ids.device)
+    labels, dec_mask = _pad(dec, device=ids.device)
     logits = lm(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=lm.shift_right(labels),
                 decoder_attention_mask=dec_mask).logits                       # (B, Ty, V)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.masked_fill(dec_mask == 0, -100).reshape(-1),
@@ -488,7 +489,7 @@ def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig,
     if cfg.pos_init > 0 and cfg.family == "gpt2":
         with torch.no_grad():
             lm.transformer.wpe.weight.copy_(cfg.pos_init * sinusoids(cfg.n_positions, cfg.n_embd))
-    lm.train()
+    lm.to(cfg.device).train()
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -496,7 +497,7 @@ def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig,
     sched = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     t0, ema, n_tok, first = time.time(), None, 0, None
     for step in range(cfg.steps):
-        ids, mask = _pad(next_batch())
+        ids, mask = _pad(next_batch(), device=cfg.device)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * sched(step)
         loss = lm_loss(lm, ids, mask, cfg.family, rng)
@@ -539,20 +540,20 @@ def score_options(lm, tokenizer, contexts: list, options: list, batch_size: int 
     GPT-2: one causal sequence [context; " option"]; T5: encoder = context, decoder = option."""
     import torch
 
-    scores = []
+    scores, device = [], next(lm.parameters()).device
     for b in range(0, len(contexts), batch_size):
         ctx_ids = [tokenizer.encode(c).ids if c else [] for c in contexts[b:b + batch_size]]
         opt_ids = [tokenizer.encode(" " + o).ids for o in options[b:b + batch_size]]
         with torch.no_grad():
             if getattr(lm, "is_encoder_decoder", False):
-                enc_ids, enc_mask = _pad([c if c else [1] for c in ctx_ids])
-                labels, dec_mask = _pad(opt_ids)
+                enc_ids, enc_mask = _pad([c if c else [1] for c in ctx_ids], device=device)
+                labels, dec_mask = _pad(opt_ids, device=device)
                 logits = lm(input_ids=enc_ids, attention_mask=enc_mask, decoder_input_ids=lm.shift_right(labels),
                             decoder_attention_mask=dec_mask).logits.log_softmax(-1)     # (B, Ty, V)
                 tok = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * dec_mask
                 scores += tok.sum(1).tolist()
             else:
-                ids, mask = _pad([c + o for c, o in zip(ctx_ids, opt_ids)])            # no BOS, as in pretraining
+                ids, mask = _pad([c + o for c, o in zip(ctx_ids, opt_ids)], device=device)  # no BOS (pretraining)
                 logp = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
                 tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)            # (B, T-1): predicts ids[:, 1:]
                 for i, (c, o) in enumerate(zip(ctx_ids, opt_ids)):
@@ -779,13 +780,14 @@ def lowest_try(tries: list) -> tuple:
 
 
 def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, threads: int = 2,
-                 world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print) -> dict:
+                 world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print, device: str = "cpu") -> dict:
     """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the distiller (a copy of the
     LLM + RunConfig.distiller_extra_layers, or a separate LM), MEND stage 1 (distill; RunConfig.stage1_warmup's
     phases, then the final one) and HyperTuning's stage 1 (clm) through train.py, stage 2 (MEND finetune,
     HyperTuning pred, PromptTuning, and Table 4's rows: without L_distill, without L_pred, without pretraining),
     eval.py (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json last (a results.json already in
-    DIR is removed first, so an interrupted run never leaves one that looks complete) and returns it."""
+    DIR is removed first, so an interrupted run never leaves one that looks complete) and returns it. device: where
+    every training and evaluation runs (cpu, or cuda: fp32 there too, since a d=128 model gains nothing from bf16)."""
     import torch
 
     import data
@@ -813,7 +815,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     phase("generate")
     texts = corpus_texts(wdir)
     tokenizer = train_tokenizer(texts)
-    lm_cfg = LMConfig(**dict(rcfg.llm, family=family, seed=seed, threads=threads))
+    lm_cfg = LMConfig(**dict(rcfg.llm, family=family, seed=seed, threads=threads, device=device))
     r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
     llm_info = {k: r[k] for k in ("seed", "probes", "final_loss")}
     log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}, "
@@ -825,7 +827,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
         log(f"[world.py] distiller: a copy of the LLM ({family} d={lm_cfg.n_embd}, {lm_cfg.n_layer} layers) + "
             f"{rcfg.distiller_extra_layers} identity-initialized layers")
     else:
-        d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads))
+        d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads, device=device))
         r = pretrain_lm(wdir, out / "distiller", d_cfg, tokenizer=tokenizer, log=log)
         log(f"[world.py] distiller: {family} d={d_cfg.n_embd}, loss {r['final_loss']:.3f}")
     phase("distiller")
@@ -834,7 +836,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     shards = [str(p) for p in sorted((wdir / "c4").glob("*.json.gz"))]
     common = ["--llm", str(out / "llm"), "--distiller", str(out / "distiller"), "--data_dir", str(meta),
               "--split", SETTING, "--l", str(rcfg.l), "--save_every", "100000", "--log_every", "100",
-              "--seed", str(seed), "--overwrite"]
+              "--seed", str(seed), "--overwrite", "--device", device, "--precision", "fp32"]
     stage1 = ["--stage", "pretrain", "--c4", *shards]
     whole = ["--min_len", "16"]                                     # whole passages (cut at --max_len 1024)
 
@@ -887,7 +889,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
     ev = ["--llm", str(out / "llm"), "--data_dir", str(meta), "--split", SETTING, "--seeds", "5",
           "--mend", str(runs / "finetune-mend" / "best"), "--hypertuning", str(runs / "finetune-hypertuning" / "best"),
-          "--prompt_tuning", str(runs / "finetune-prompt_tuning" / "best")]
+          "--prompt_tuning", str(runs / "finetune-prompt_tuning" / "best"), "--device", device, "--dtype", "fp32"]
     main_methods = ["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"]
     res = evaluate.main([*ev, "--methods", *main_methods, "--out", str(out / "eval")])
     methods = {m: _accuracy(res, m) for m in main_methods}
@@ -914,14 +916,15 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
         import bench
         bench.main(["--preset", "tiny", "--family", family, "--llm", str(out / "llm"),
                     "--mend", str(runs / "finetune-mend" / "best"), "--l", str(rcfg.l),
-                    "--context", f"tiny_world={round(mean_demo)}", "--threads", str(threads), "--out", str(out / "bench")])
+                    "--context", f"tiny_world={round(mean_demo)}", "--threads", str(threads), "--device", device,
+                    "--out", str(out / "bench")])
         phase("bench")
 
     result = {"methods": methods, "chance": summary["chance"], "l": rcfg.l, "mean_demo_tokens": mean_demo,
               "macro_f1": macro_f1, "ablation": ablation, "k_sweep": k_sweep, "by_shape": shapes, "family": family,
               "quick": quick, "seed": seed, "n_test_tasks": len(summary["test_tasks"]), "seconds": times,
               "total_seconds": round(time.time() - t_all, 1), "world": asdict(wcfg), "run": asdict(rcfg),
-              "llm": llm_info}
+              "llm": llm_info, "device": device}
     _write_json(out / "results.json", result)
     log(result_table(result))
     return result
@@ -978,6 +981,10 @@ def main(argv=None):
                          "0 1 trains an LLM that reads demonstrations by content; MEND reached 62.6 there "
                          "after stage 1 against ICL 96.5 (README, Stop 27)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: CI's cores)")
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="where the LLM, stage 1, stage 2, eval.py and bench.py run (default cpu: the README's "
+                         "figures, bit for bit on one machine; auto = cuda when available). CUDA runs fp32 too and "
+                         "lands elsewhere than the CPU (float rounding); the quick run took 107 s on an H200")
     ap.add_argument("--l", type=int, default=None, help="distillation vectors (default: RunConfig, 4 = |D|/8)")
     ap.add_argument("--stage1_restarts", type=int, default=None,
                     help="train.py seeds tried in every stage-1 warm-up phase; the lowest L_distill goes on "
@@ -996,6 +1003,12 @@ def main(argv=None):
         ap.error(f"argument --fillers: expected 0 <= MIN <= MAX, got {args.fillers[0]} {args.fillers[1]}")
     if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:
         ap.error(f"argument --distiller_extra_layers: expected an integer >= 0, got {args.distiller_extra_layers}")
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --device: cuda asked for, but torch.cuda.is_available() is False (a CPU build of torch, "
+                 "or no GPU visible); use --device cpu")
     rcfg = RunConfig.quick() if args.quick else RunConfig()
     if args.llm_steps:
         rcfg.llm = dict(rcfg.llm, steps=args.llm_steps)
@@ -1016,7 +1029,8 @@ def main(argv=None):
     if args.fillers is not None:
         wcfg = WorldConfig.quick(args.seed) if args.quick else WorldConfig(seed=args.seed)
         wcfg.fillers_per_input = tuple(args.fillers)
-    return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, world_cfg=wcfg, run_cfg=rcfg)
+    return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, world_cfg=wcfg, run_cfg=rcfg,
+                        device=device)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ def test_generate_is_deterministic_by_seed(tmp_path, small_world):
     assert len(_digest(out)) > 50
 
 
+def test_pad_right_pads_on_the_device_asked_for():
+    """world._pad builds the LM's batches where --device says (meta here: no data, only placement)."""
+    ids, mask = world._pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = world._pad([[5, 6, 7], [8]], device="meta")
+    assert (ids.device.type, mask.device.type, tuple(ids.shape)) == ("meta", "meta", (2, 3))
+
+
 def test_world_config_k_is_16_and_lowest_try():
     with pytest.raises(ValueError, match=r"^world.py: WorldConfig.k=8: expected 16 "):
         world.WorldConfig(k=8)
@@ -297,6 +305,10 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                         stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True,
                         clm_curriculum=family == "gpt2")
     res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
+    assert res["device"] == "cpu"                                            # run_pipeline's default, passed on:
+    info = json.loads((tmp_path / "runs" / "pretrain-mend" / "best" / "train_info.json").read_text())["config"]
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["device"] == "cpu"
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     assert res["llm"]["seed"] == 0 and [p[:2] for p in res["llm"]["probes"]] == [[0, 10]]
     assert 0 <= res["llm"]["probes"][0][2] <= 100 and res["llm"]["final_loss"] > 0
@@ -472,14 +484,15 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` sets those RunConfig fields (the rest stays the
     default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
     seen = {}
-    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg:
-                        seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg, run_cfg=run_cfg))
+    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg, device:
+                        seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg, run_cfg=run_cfg,
+                                    device=device))
     world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100", "--llm_tries",
                 "1"])
     r = seen["run_cfg"]
     assert (r.l, r.stage1_restarts, r.llm["steps"]) == (8, 2, 100) and r.llm["batch_size"] == 32
     assert (r.stage1_steps, seen["quick"], seen["threads"]) == (world.RunConfig().stage1_steps, False, 2)
-    assert (r.clm_curriculum, r.distiller_extra_layers) == (False, 2)
+    assert (r.clm_curriculum, r.distiller_extra_layers, seen["device"]) == (False, 2, "cpu")
     world.main(["--out", str(tmp_path), "--quick", "--clm_curriculum"])
     assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
@@ -517,3 +530,12 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
         world.main(["--out", str(tmp_path), "--fillers", "2", "1"])
     assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
         "world.py: error: argument --fillers: expected 0 <= MIN <= MAX, got 2 1"
+    world.main(["--out", str(tmp_path), "--device", "auto"])
+    assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():  # CI: a CPU build of torch
+        seen.clear()
+        with pytest.raises(SystemExit):
+            world.main(["--out", str(tmp_path), "--device", "cuda"])
+        assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
+            "world.py: error: argument --device: cuda asked for, but torch.cuda.is_available() is False (a CPU " \
+            "build of torch, or no GPU visible); use --device cpu"
