@@ -787,7 +787,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     HyperTuning pred, PromptTuning, and Table 4's rows: without L_distill, without L_pred, without pretraining),
     eval.py (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json last (a results.json already in
     DIR is removed first, so an interrupted run never leaves one that looks complete) and returns it. device: where
-    every training and evaluation runs (cpu, or cuda: fp32 there too, since a d=128 model gains nothing from bf16)."""
+    every training and evaluation runs (cpu, or cuda: in fp32 there too, so that only float rounding differs)."""
     import torch
 
     import data
