@@ -1,8 +1,9 @@
 """world.py: an offline "tiny world" in which the whole MEND pipeline runs end to end on a CPU in minutes.
 
 It holds, top to bottom:
-  1. the world generator (generate_world): a made-up vocabulary of item words (4 shared keys by default) and label
-     words (filler words and item categories are available but off by default); in-context-learning tasks whose
+  1. the world generator (generate_world): a made-up vocabulary of item words (4 shared keys by default), label
+     words and filler words (1-3 before each item by default: D with redundancy, as real demonstrations have; none in
+     the plain world, WorldConfig.plain; item categories available, off); in-context-learning tasks whose
      hidden rule maps the input's last word (an item) to one of the task's own label words; every k-shot file's
      demonstrations cover all the items of its task, so in-context learning is plain induction (find the query's
      item in D, copy the label that followed it); meta-train and meta-test families with disjoint label words; all
@@ -11,13 +12,15 @@ It holds, top to bottom:
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
      small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
      build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
-     model.from_pretrained loads it back like a hub model. The distiller starts as a copy of it with two more,
-     identity-initialized blocks on top (deepen; RunConfig: or a separate LM of the family trained the same way).
+     model.from_pretrained loads it back like a hub model; it ends once an in-context probe shows it has learned
+     in context (or starts over with another seed when it has not by step 2,000). The distiller starts as a copy
+     of it with two more, identity-initialized blocks on top (deepen; RunConfig: or a separate LM of the family
+     trained the same way).
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
      probe ICL during LM pretraining (eval.py does the real evaluation).
   4. run_pipeline / main(): `python world.py --out DIR` runs everything: world -> tokenizer -> LLM + distiller ->
      train.py stage 1 (distill, as a short-to-long curriculum over passage length, the first warm-up phase tried
-     with a few seeds and the lowest L_distill kept, plus a fallback when every first-phase try stays stuck; clm
+     with one seed (--plain: three, the lowest L_distill kept), plus a fallback when every try stays stuck; clm
      for HyperTuning, optionally through the same curriculum) ->
      stage 2 (finetune; pred for HyperTuning; PromptTuning; the rows of the paper's Table 4) -> eval.py (5
      methods, Table 4, K sweep) -> bench.py -> DIR/results.json; on the CPU by default, on a GPU with --device cuda.
@@ -56,7 +59,10 @@ class WorldConfig:
                                     # random item -> label map per task
     n_fillers: int = 96             # filler words (noise before the deciding item), not repeated inside a passage
     n_label_words: int = 48         # label words; first half meta-train, second half meta-test
-    fillers_per_input: tuple = (0, 0)    # inclusive range of filler words before the deciding item (default none)
+    # inclusive range of filler words before the deciding item. Default 1-3: demonstrations with redundancy, as real
+    # ones have (|D| ~ 64 tokens for 4 distinct keys and at most 4 labels), so l = 7 <= |D|/8 vectors can hold every
+    # pair (README, "Stop 29"); plain() has none (|D| = 32, every token a key or a label: stops 13-28's world)
+    fillers_per_input: tuple = (1, 3)
     labels_per_task: tuple = (2, 4)      # inclusive range of options per task
     extra_items: tuple = (0, 2)          # items per task = n_labels + this (a surjective item->label map, 2-6 items)
     n_train_tasks: int = 32
@@ -78,9 +84,16 @@ class WorldConfig:
                              "opens; use eval.py --k for fewer demonstrations)")
 
     @classmethod
+    def plain(cls, seed: int = 0) -> "WorldConfig":
+        """The plain world (world.py --plain): no filler words, every token of D a key or a label."""
+        return cls(seed=seed, fillers_per_input=(0, 0))
+
+    @classmethod
     def quick(cls, seed: int = 0) -> "WorldConfig":
-        """The CI-sized world: fewer tasks, queries and passages."""
-        return cls(seed=seed, n_train_tasks=16, n_test_tasks=24, n_test_queries=16, pool_size=256, n_passages=8000)
+        """The CI-sized world: the plain one with fewer tasks, queries and passages (its tiny LLM learns in context
+        within 2,000 steps; with fillers that takes 1,750 to over 3,000)."""
+        return cls(seed=seed, fillers_per_input=(0, 0), n_train_tasks=16, n_test_tasks=24, n_test_queries=16,
+                   pool_size=256, n_passages=8000)
 
 
 @dataclass
@@ -148,14 +161,14 @@ def random_task(rng: random.Random, name: str, items: list, label_pool: list, cf
 
 
 def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig, n: int, cover: bool) -> list:
-    """n (input, output) pairs. input = 0-3 fillers + the deciding item (last word); output = its label.
+    """n (input, output) pairs. input = fillers_per_input fillers + the deciding item (last word); output = its label.
     Labels are uniform over the task's labels (balanced, so zero-shot sits at chance). cover=True: every item of
     the task occurs at least once (the k demonstrations of a file; needs n >= #items), in shuffled order.
     Fillers are drawn without repetition inside the returned list when the pool allows it (passages, k-shot and
     test files: copying what followed an earlier occurrence of a word is then right for every repeated word),
-    with repetition for the long meta-train pools. Without fillers (the default, the only setting in which the
-    tiny LLM learned ICL in budget) a pool repeats each (item, label) row many times, as MetaICL pools may;
-    data.py samples {task}_16384_100_train.jsonl as written, so stage-2 episodes show the query's item in D."""
+    with repetition for the long meta-train pools. Without fillers (WorldConfig.plain) a pool repeats each (item,
+    label) row many times, as MetaICL pools may; data.py samples {task}_16384_100_train.jsonl as written, so
+    stage-2 episodes show the query's item in D."""
     items = list(task.item_to_label)
     chosen = list(items) if cover else []
     if cover and n < len(items):
@@ -318,6 +331,12 @@ class LMConfig:
     tries: int = 1
     probe_step: int = 2000
     probe_min: float = 0.0
+    # finish_min > 0: icl_probe every probe_every steps too, and the first probe >= finish_min (percent) ends the try
+    # finish_steps later, the LR falling linearly to the schedule's floor: ICL, once it has appeared, is complete
+    # within a few hundred steps (the loss flattens), so the rest of a fixed schedule is time spent for nothing
+    finish_min: float = 0.0
+    probe_every: int = 250
+    finish_steps: int = 500
 
 
 def sinusoids(n: int, d: int):
@@ -433,13 +452,17 @@ def lm_loss(lm, ids, mask, family: str, rng: random.Random = None):
 def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on_log=None):
     """Train a tiny GPT-2 / T5 from scratch on the world's corpus; save it (+ tokenizer.json) in out_dir.
     With cfg.tries > 1, a try whose icl_probe at cfg.probe_step is below cfg.probe_min starts over with the next
-    seed. on_log(step, lm): optional hook at every progress line. Returns {"seconds", "first_loss", "final_loss",
-    "steps", "seed" (the try saved), "probes" ([seed, step, percent] per probe taken)}."""
+    seed; with cfg.finish_min > 0, a try whose probe (every cfg.probe_every steps) reaches it ends cfg.finish_steps
+    later. on_log(step, lm): optional hook at every progress line. Returns {"seconds", "first_loss", "final_loss",
+    "steps" (of the try saved), "seed" (the try saved), "probes" ([seed, step, percent] per probe taken)}."""
     import torch
 
     import model
 
     check_tries(cfg.tries, cfg.probe_step, cfg.steps, "LMConfig")
+    if cfg.finish_min > 0 and min(cfg.probe_every, cfg.finish_steps) < 1:
+        raise ValueError(f"world.py: LMConfig finish_min={cfg.finish_min:g} with probe_every={cfg.probe_every}, "
+                         f"finish_steps={cfg.finish_steps}: expected both >= 1")
     torch.set_num_threads(cfg.threads)
     summary = json.loads(Path(world_dir, "world.json").read_text())
     wcfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
@@ -449,7 +472,7 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on
     t0, probes = time.time(), []
     for t in range(cfg.tries):
         seed, last = cfg.seed + t, t == cfg.tries - 1
-        lm, first, ema = _train_lm(cfg, seed, tokenizer, lex, wcfg, log, on_log, probes, stop_below=not last)
+        lm, first, ema, steps = _train_lm(cfg, seed, tokenizer, lex, wcfg, log, on_log, probes, stop_below=not last)
         if lm is not None:
             break
         log(f"pretrain {cfg.family}: in-context probe {probes[-1][2]:.1f}% < {cfg.probe_min:g}% at step "
@@ -457,7 +480,7 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on
             f"(try {t + 2} of {cfg.tries})")
     lm.eval()
     model.save_pretrained(lm, out_dir, tokenizer=tokenizer)
-    return {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": cfg.steps, "seed": seed,
+    return {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": steps, "seed": seed,
             "probes": probes}
 
 
@@ -472,8 +495,8 @@ def check_tries(tries: int, probe_step: int, steps: int, where: str) -> None:
 
 def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig, log, on_log, probes: list,
               stop_below: bool):
-    """One try of pretrain_lm: (lm, first loss, final EMA loss), or (None, ...) when stop_below and the probe at
-    cfg.probe_step is below cfg.probe_min. Appends [seed, step, percent] to probes for every probe taken."""
+    """One try of pretrain_lm: (lm, first loss, final EMA loss, steps run), or (None, ...) when stop_below and the
+    probe at cfg.probe_step is below cfg.probe_min. Appends [seed, step, percent] to probes for every probe taken."""
     import torch
 
     import model
@@ -494,9 +517,18 @@ def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig,
     no_decay = [p for n, p in lm.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    sched = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    cosine = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    finish_at, end = None, cfg.steps      # finish_min: the step of the probe that met it; the try ends at `end`
+
+    def sched(s):
+        if finish_at is None:
+            return cosine(s)
+        return cosine(finish_at) + (0.1 - cosine(finish_at)) * (s - finish_at) / cfg.finish_steps
+
     t0, ema, n_tok, first = time.time(), None, 0, None
     for step in range(cfg.steps):
+        if step == end:
+            break
         ids, mask = _pad(next_batch(), device=cfg.device)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * sched(step)
@@ -509,22 +541,32 @@ def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig,
         if ema is None:
             first = loss.item()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == end - 1:
             el = time.time() - t0
-            log(f"pretrain {cfg.family} step {step + 1}/{cfg.steps} loss {ema:.3f} lr {cfg.lr * sched(step):.2e} "
-                f"{n_tok / el:.0f} tok/s ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
+            log(f"pretrain {cfg.family} step {step + 1}/{end} loss {ema:.3f} lr {cfg.lr * sched(step):.2e} "
+                f"{n_tok / el:.0f} tok/s ETA {el / (step + 1) * (end - step - 1):.0f}s")
             if on_log is not None:
                 on_log(step + 1, lm)
-        if cfg.tries > 1 and step + 1 == cfg.probe_step:
-            acc = icl_probe(lm, tokenizer, lex, wcfg, seed=0)
-            probes.append([seed, step + 1, round(acc, 1)])
+        gate = cfg.tries > 1 and step + 1 == cfg.probe_step
+        finish_probe = cfg.finish_min > 0 and finish_at is None and (step + 1) % cfg.probe_every == 0
+        if not (gate or finish_probe):
+            continue
+        acc = icl_probe(lm, tokenizer, lex, wcfg, seed=0)
+        probes.append([seed, step + 1, round(acc, 1)])
+        if finish_probe and acc >= cfg.finish_min:
+            finish_at, end = step + 1, min(cfg.steps, step + 1 + cfg.finish_steps)
+            log(f"pretrain {cfg.family}: in-context probe {probes[-1][2]:.1f}% >= {cfg.finish_min:g}% at step "
+                f"{step + 1} (seed {seed}): finishing at step {end}")
+        elif gate:
             below = acc < cfg.probe_min
             if below and stop_below:
-                return None, first, ema
+                return None, first, ema, step + 1
             log(f"pretrain {cfg.family}: in-context probe {probes[-1][2]:.1f}% {'<' if below else '>='} "
                 f"{cfg.probe_min:g}% at step {step + 1} (seed {seed}" + ("; the last try" if below else "") +
                 "): going on")
-    return lm, first, ema
+        else:
+            log(f"pretrain {cfg.family}: in-context probe {probes[-1][2]:.1f}% at step {step + 1} (seed {seed})")
+    return lm, first, ema, end
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,14 +669,16 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
 
 @dataclass
 class RunConfig:
-    """Sizes of one end-to-end run (the quick start; RunConfig.quick() is the CI-sized one)."""
-    # ICL emerges at ~1,250-2,000 steps, when it does: an LM whose in-context probe (icl_probe, chance ~37%) is
-    # still below 50% at step 2,000 starts over with the next seed, up to 3 tries. Measured on one CPU (probe at
-    # step 2,000 / 2,001 -> vanilla ICL at 4,000): seed 0 55.2 / 54.7 -> 65.1, seed 1 77.6 / 76.6 -> 87.9, seed 2
-    # - / 69.8 -> 82.1 (README). Every family gets the tries; a tiny LM that never learns in context pays 2 x 2,000
-    # more steps for them
+    """Sizes of one end-to-end run: the quick start's (the default world, 1-3 fillers); RunConfig.plain() is the
+    plain world's recipe (stops 13-28), RunConfig.quick() the CI-sized run of the plain world."""
+    # ICL emerges as a phase change, when it does: with 1-3 fillers between step ~1,750 and after 3,000 (its timing
+    # is float rounding). An LM whose in-context probe (icl_probe, chance ~37%) is still below 50% at step 2,000
+    # starts over with the next seed, up to 3 tries; one whose probe (every 250 steps) reaches 90% ends 500 steps
+    # later, its loss flat by then (README, "Stop 29"). Every family gets the tries; a tiny LM that never learns in
+    # context pays 2 x 2,000 more steps for them
     llm: dict = field(default_factory=lambda: dict(steps=4000, batch_size=32, tries=3, probe_step=2000,
-                                                   probe_min=50.0))
+                                                   probe_min=50.0, finish_min=90.0, probe_every=250,
+                                                   finish_steps=500))
     # distiller: None = start from a copy of the trained LLM (an LM that already learns in context, as gpt2 is
     # for gpt2-large in the paper); a dict = a separate LM of the family trained from scratch with these sizes
     # (a d=64 one did not learn in context in 1,500 steps, and MEND with it stayed at chance)
@@ -643,20 +687,22 @@ class RunConfig:
     # projections, so it starts as exactly the LLM): room to re-encode what its induction heads retrieve into the
     # slots' layout. Measured on one LLM with the same stage 1: 2-layer copy MEND 71.9, 4-layer 76.8 (README)
     distiller_extra_layers: int = 2
-    l: int = 4                       # distillation vectors; |D| = 32 tokens at K=16 (key, label): l = |D|/8
+    # distillation vectors: |D| ~ 64 tokens at K = 16 with 1-3 fillers, so l = 7 <= |D|/8 (l = 8 is |D|/7.98 there);
+    # at most 8 distinct tokens (4 keys, 4 labels) decide a task. The plain world: |D| = 32, l = 4
+    l: int = 7
     # MEND stage 1 (train.py --stage pretrain --objective distill) is a short-to-long curriculum over passage length:
     # warm-up phases (max_len tokens, or 0 = whole passages; beta; steps; batch size; lr), each one train.py run
     # initialized from the previous run's last checkpoint with a fresh LR schedule, then the final whole-passage
     # phase of stage1_steps at stage1_batch_size (validated; its best checkpoint is MEND's stage 1). On 8-token, then
-    # 16-token, then 32-token passages (D = 2, 4, then 8 demonstrations; the LLM continues with as many) the distiller
-    # first learns to carry a few demonstrations in its l slots in a form the LLM reads; whole passages from the start
-    # left MEND near chance (README, the tiny world). The 32-token phase (stop 19) added 1.5-2.5 points of MEND
-    # stage 1 from each of two first-phase solutions; going straight from 8 to 32 tokens left it at chance (README,
-    # "A third warm-up phase"). Every phase runs at batch 64: at batch 16 the short phases needed 1,000 +
-    # 1,000 steps, and a batch-16 final phase reached the binding on one LLM training and stayed at chance (dev 20-25
-    # for 3,000 steps) on another that differed only in float rounding (2 threads instead of 1); at batch 64 the
-    # runs that bind do so within 500 whole-passage steps (best dev at 500-1,000 steps, hence stage1_steps; 750 lost
-    # the 32-token phase's gain and 7 points at K = 4)
+    # 16-token, then 32-token passages (plain world: D = 2, 4, then 8 demonstrations, the LLM continues with as many;
+    # with 1-3 fillers about half as many) the distiller first learns to carry a few demonstrations in its l slots in
+    # a form the LLM reads; whole passages from the start left MEND near chance (README, the tiny world). The
+    # 32-token phase (stop 19) added 1.5-2.5 points of MEND stage 1 from each of two first-phase solutions; going
+    # straight from 8 to 32 tokens left it at chance (README, "A third warm-up phase"). Every phase runs at batch 64:
+    # at batch 16 the short phases needed 1,000 + 1,000 steps, and a batch-16 final phase reached the binding on one
+    # LLM training and stayed at chance (dev 20-25 for 3,000 steps) on another that differed only in float rounding
+    # (2 threads instead of 1); at batch 64 the runs that bind do so within 500 whole-passage steps (best dev at
+    # 500-1,000 steps, hence stage1_steps; 750 lost the 32-token phase's gain and 7 points at K = 4)
     # The first phase ends either near 0.01-0.06 (the slots copy D) or stuck at 0.16-0.19, and which copying solution
     # it finds sets where stage 1 lands (README, "The plateau is chosen in the first warm-up phase"): solutions found
     # at lr 2e-3 led to MEND stage 1 62-73 (mean 69), those found at 3e-3 / 4e-3 to 58-65 (mean 62). At 2e-3 for
@@ -664,8 +710,10 @@ class RunConfig:
     stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3), (32, 0.5, 500, 64, 2e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
     # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int
-    # per phase (the last repeats), or one for all. The later phases run once: their seeds moved MEND ~2 points
-    stage1_restarts: tuple = (3, 1)
+    # per phase (the last repeats), or one for all. The later phases run once: their seeds moved MEND ~2 points. With
+    # 1-3 fillers the first phase's tries ended at 0.003-0.009 on every LLM that learned in context early (7 of 7
+    # tries; the fallback covers the rest), so one try; the plain world's first phase sticks more often: (3, 1)
+    stage1_restarts: tuple = 1
     # when every try of the first phase ends above stage1_plateau (stuck), one more try with this phase (seed `seed`)
     # and placeholder init (train.py --placeholder_init). Since stop 26: the first phase's own recipe with the
     # placeholders started from LLM token embeddings ("vocab"); on an LLM whose three random-init tries stayed at
@@ -687,7 +735,8 @@ class RunConfig:
     # like-for-like Table 4 "CLM" row and HyperTuning baseline; ~9 min more (24 in all), so off in the quick start
     clm_curriculum: bool = False
     # train.py --stage finetune (finetune / pred / prompt_tuning / Table 4). 200 since stop 19 (it was 300; MEND's
-    # best dev came at steps 100-200 in every stop-18/19 run), for the 32-token phase's time
+    # best dev came at steps 100-200 in every stop-18/19 run), for the 32-token phase's time. With 1-3 fillers, 100
+    # steps saved ~40 s and gave MEND 98.7 against 99.0 (same LLM and stage 1; README, "Stop 29")
     stage2_steps: int = 200
     batch_size: int = 8              # stage 2
     lr: float = 3e-4                 # stage 2: short and gentle, as it overfits the 24 meta-train label words
@@ -725,10 +774,19 @@ class RunConfig:
         return tries if isinstance(tries, int) else tries[min(phase, len(tries) - 1)]
 
     @classmethod
+    def plain(cls) -> "RunConfig":
+        """The plain world's recipe (world.py --plain; the quick start of stops 13-28): l = 4 = |D|/8, a 4,000-step
+        LLM (probe at step 2,000: seed 0 55.2 -> ICL 65.1, seed 1 77.6 -> 87.9, seed 2 69.8 -> 82.1; README) and
+        three tries of the first warm-up phase."""
+        return cls(llm=dict(steps=4000, batch_size=32, tries=3, probe_step=2000, probe_min=50.0), l=4,
+                   stage1_restarts=(3, 1))
+
+    @classmethod
     def quick(cls) -> "RunConfig":
-        """The CI-sized run: a 2,000-step LLM, the short phases with one try each (the first as the full run's:
-        1,000 steps at lr 2e-3; 500 at 4e-3 stayed on the plateau on stop 26's VM), then 400 whole-passage steps."""
-        return cls(llm=dict(steps=2000, batch_size=32, tries=1, probe_step=1500, probe_min=50.0),
+        """The CI-sized run of the plain world: a 2,000-step LLM, the short phases with one try each (the first as
+        the full run's: 1,000 steps at lr 2e-3; 500 at 4e-3 stayed on the plateau on stop 26's VM), then 400
+        whole-passage steps."""
+        return cls(llm=dict(steps=2000, batch_size=32, tries=1, probe_step=1500, probe_min=50.0), l=4,
                    distiller_extra_layers=0,
                    stage1_warmup=((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3)), stage1_restarts=1,
                    stage1_fallback=None, stage1_steps=400, clm_steps=100, stage2_steps=100, stage1_eval_every=200,
@@ -817,7 +875,7 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     tokenizer = train_tokenizer(texts)
     lm_cfg = LMConfig(**dict(rcfg.llm, family=family, seed=seed, threads=threads, device=device))
     r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
-    llm_info = {k: r[k] for k in ("seed", "probes", "final_loss")}
+    llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps")}
     log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}, "
         f"seed {r['seed']}" + (f" (in-context probes: {r['probes']})" if r["probes"] else ""))
     phase("llm")
@@ -971,24 +1029,31 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--family", choices=FAMILIES, default="gpt2",
                     help="LM family of the tiny LLM and distiller (gpt2: the one that learns ICL in budget)")
-    ap.add_argument("--quick", action="store_true", help="the CI-sized world and run (tests/test_world.py)")
-    ap.add_argument("--llm_steps", type=int, default=None, help="LLM pretraining steps (default: RunConfig)")
+    ap.add_argument("--plain", action="store_true",
+                    help="the plain world and recipe (WorldConfig.plain, RunConfig.plain): no filler words, every "
+                         "token of D a key or a label, l = 4 = |D|/8; stops 13-28's quick start (README)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the CI-sized run of the plain world (WorldConfig.quick, RunConfig.quick; "
+                         "tests/test_world.py)")
+    ap.add_argument("--llm_steps", type=int, default=None,
+                    help="LLM pretraining steps (default: RunConfig, at most 4,000: a try ends 500 steps after its "
+                         "in-context probe, every 250 steps, reaches 90%%; --plain 4,000, --quick 2,000)")
     ap.add_argument("--llm_tries", type=int, default=None,
                     help="LLM seeds tried: a try whose in-context probe is below 50%% at step 2,000 (--quick: 1,500) "
-                         "starts over with the next seed (default: RunConfig, 3; --quick: 1; 1 = no probe)")
+                         "starts over with the next seed (default: RunConfig, 3; --quick: 1; 1 = no restarts)")
     ap.add_argument("--fillers", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
-                    help="filler words before each key of every input (WorldConfig.fillers_per_input; default 0 0). "
-                         "0 1: an LLM that reads by content (README, Stop 27); 1 3 with --l 8: demonstrations "
-                         "with room to compress, where MEND came within 2 points of ICL on 2 seeds of 3 (Stop 28)")
+                    help="filler words before each key of every input (WorldConfig.fillers_per_input; default 1 3, "
+                         "--plain / --quick 0 0). Other ranges: README, Stops 27-29")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: CI's cores)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                     help="where the LLM, stage 1, stage 2, eval.py and bench.py run (default cpu: the README's "
                          "figures, bit for bit on one machine; auto = cuda when available). CUDA runs fp32 too and "
                          "lands elsewhere than the CPU (float rounding); the quick run took 107 s on an H200")
-    ap.add_argument("--l", type=int, default=None, help="distillation vectors (default: RunConfig, 4 = |D|/8)")
+    ap.add_argument("--l", type=int, default=None,
+                    help="distillation vectors (default: RunConfig, 7 <= |D|/8; --plain / --quick 4 = |D|/8)")
     ap.add_argument("--stage1_restarts", type=int, default=None,
                     help="train.py seeds tried in every stage-1 warm-up phase; the lowest L_distill goes on "
-                         "(default: RunConfig, 3 in the first phase and 1 in the others; --quick: 1)")
+                         "(default: RunConfig, 1; --plain: 3 in the first phase and 1 in the others)")
     ap.add_argument("--distiller_extra_layers", type=int, default=None,
                     help="identity-initialized blocks added to the distiller (a copy of the LLM); 0 = the plain copy "
                          "(default: RunConfig, 2; --quick: 0)")
@@ -1009,7 +1074,7 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("argument --device: cuda asked for, but torch.cuda.is_available() is False (a CPU build of torch, "
                  "or no GPU visible); use --device cpu")
-    rcfg = RunConfig.quick() if args.quick else RunConfig()
+    rcfg = RunConfig.quick() if args.quick else RunConfig.plain() if args.plain else RunConfig()
     if args.llm_steps:
         rcfg.llm = dict(rcfg.llm, steps=args.llm_steps)
     if args.llm_tries:
@@ -1025,9 +1090,9 @@ def main(argv=None):
     if args.distiller_extra_layers is not None:
         rcfg.distiller_extra_layers = args.distiller_extra_layers
     rcfg.clm_curriculum = args.clm_curriculum
-    wcfg = None
+    wcfg = (WorldConfig.quick(args.seed) if args.quick else WorldConfig.plain(args.seed) if args.plain else
+            WorldConfig(seed=args.seed))
     if args.fillers is not None:
-        wcfg = WorldConfig.quick(args.seed) if args.quick else WorldConfig(seed=args.seed)
         wcfg.fillers_per_input = tuple(args.fillers)
     return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, world_cfg=wcfg, run_cfg=rcfg,
                         device=device)

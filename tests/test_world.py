@@ -233,6 +233,33 @@ def test_pretrain_starts_over_when_the_icl_probe_fails(quick_world, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_pretrain_finishes_once_the_probe_meets_finish_min(quick_world, tmp_path):
+    """LMConfig.finish_min: a probe every probe_every steps; the first one at or above finish_min ends the try
+    finish_steps later, the LR falling linearly from the schedule's value at that step to its floor (0.1 x lr);
+    never met, the try runs its steps with a probe every probe_every."""
+    tok = world.train_tokenizer(world.corpus_texts(quick_world))
+    base = dict(n_embd=32, n_head=2, steps=30, batch_size=4, warmup=5, threads=1, lr=1e-3, probe_every=10)
+    lines = []
+    res = world.pretrain_lm(quick_world, tmp_path / "early", world.LMConfig(**base, finish_min=0.01, finish_steps=5),
+                            tokenizer=tok, log=lines.append)
+    assert res["steps"] == 15 and [p[:2] for p in res["probes"]] == [[0, 10]]
+    assert f"pretrain gpt2: in-context probe {res['probes'][0][2]:.1f}% >= 0.01% at step 10 (seed 0): " \
+           f"finishing at step 15" in lines
+    at10 = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 30))          # the cosine schedule at step 10
+    last = [line for line in lines if line.startswith("pretrain gpt2 step 15/15 ")]
+    assert len(last) == 1 and f" lr {1e-3 * (at10 + (0.1 - at10) * 4 / 5):.2e} " in last[0]
+    assert model.from_pretrained(tmp_path / "early").config.n_embd == 32
+    lines.clear()
+    full = world.pretrain_lm(quick_world, tmp_path / "full", world.LMConfig(**base, finish_min=101.0),
+                             tokenizer=tok, log=lines.append)
+    assert full["steps"] == 30 and [p[:2] for p in full["probes"]] == [[0, 10], [0, 20], [0, 30]]
+    assert f"pretrain gpt2: in-context probe {full['probes'][1][2]:.1f}% at step 20 (seed 0)" in lines
+    with pytest.raises(ValueError, match=r"^world.py: LMConfig finish_min=90 with probe_every=0, finish_steps=500: "
+                                         r"expected both >= 1$"):
+        world.pretrain_lm(quick_world, tmp_path / "bad", world.LMConfig(finish_min=90.0, probe_every=0), tokenizer=tok)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_icl_probe_scores_the_label_that_follows_the_query_in_D(quick_world, monkeypatch):
     """icl_probe's bookkeeping: with a scorer that answers by induction (the word after the query's earlier
     occurrence in D) it reports 100%; with one that scores every option alike, the share of queries whose answer
@@ -295,8 +322,9 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     distiller -> train.py stage 1 (distill, clm) and stage 2 (finetune, HyperTuning pred, the no-L_distill
     ablation, PromptTuning), each with validation -> eval.py (5 methods, ablation, K sweep) -> bench.py;
     DIR/results.json has the fields of issue 9. A format/plumbing test (tiny step counts): the accuracy targets
-    are measured by the full run (README)."""
-    w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300)
+    are measured by the full run (README). gpt2 runs the default world (1-3 fillers), the others the plain one."""
+    w = world.WorldConfig(n_train_tasks=4, n_test_tasks=2, n_test_queries=8, pool_size=32, n_passages=300,
+                          fillers_per_input=(1, 3) if family == "gpt2" else (0, 0))
     # two LLM tries with a probe every LM passes: the probe runs through this family's scorer, the first try is kept
     r = world.RunConfig(llm=dict(n_embd=32, n_head=2, steps=20, batch_size=8, tries=2, probe_step=10, probe_min=0.0),
                         distiller=None if family == "gpt2" else dict(n_embd=16, n_head=2, steps=10, batch_size=8),
@@ -322,7 +350,11 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     assert on_disk["methods"] == pytest.approx(res["methods"])
     assert set(res["methods"]) == {"zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"}
     assert all(0 <= v <= 100 for v in res["methods"].values())
-    assert 20 <= res["chance"] <= 50 and res["l"] == 2 and res["mean_demo_tokens"] == 32  # 16 x (item, label)
+    assert 20 <= res["chance"] <= 50 and res["l"] == 2
+    if family == "gpt2":   # 16 x (1-3 fillers, item, label): 48-80 words, each one token or more
+        assert res["mean_demo_tokens"] >= 48 and tuple(res["world"]["fillers_per_input"]) == (1, 3)
+    else:
+        assert res["mean_demo_tokens"] == 32                               # 16 x (item, label)
     assert set(res["k_sweep"]) == {"1", "16"}
     assert set(res["ablation"]) == {"mend", "mend_without_L_distill", "mend_without_L_pred", "mend_no_pretraining",
                                     "mend_stage1_only"} | ({"mend_clm_pretraining"} if r.clm_curriculum else set())
@@ -425,8 +457,9 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
         with pytest.raises(ValueError, match=rf"^world.py: RunConfig.stage1_restarts={re.escape(repr(bad))}: expected "
                                              r"an int >= 1, or one per warm-up phase \(the last one repeats\)$"):
             world.RunConfig(stage1_restarts=bad)
-    r = world.RunConfig()
+    r = world.RunConfig.plain()
     assert [r.restarts(i) for i in range(3)] == [3, 1, 1] and world.RunConfig(stage1_restarts=2).restarts(1) == 2
+    assert [world.RunConfig().restarts(i) for i in range(3)] == [1, 1, 1]
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.distiller_extra_layers=-1: expected >= 0$"):
         world.RunConfig(distiller_extra_layers=-1)
 
@@ -496,7 +529,14 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     world.main(["--out", str(tmp_path), "--quick", "--clm_curriculum"])
     assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
-    assert seen["world_cfg"] is None                                                # the default world
+    assert seen["world_cfg"] == world.WorldConfig.quick(0) and seen["world_cfg"].fillers_per_input == (0, 0)
+    world.main(["--out", str(tmp_path)])                                            # the default world and run
+    assert seen["world_cfg"] == world.WorldConfig(seed=0) and seen["world_cfg"].fillers_per_input == (1, 3)
+    assert seen["run_cfg"] == world.RunConfig() and (seen["run_cfg"].l, seen["run_cfg"].llm["finish_min"]) == (7, 90.0)
+    world.main(["--out", str(tmp_path), "--plain", "--seed", "2"])                  # stops 13-28's world and recipe
+    assert seen["world_cfg"] == world.WorldConfig.plain(2) and seen["world_cfg"].fillers_per_input == (0, 0)
+    assert seen["run_cfg"] == world.RunConfig.plain() and seen["run_cfg"].l == 4
+    assert seen["run_cfg"].llm == dict(steps=4000, batch_size=32, tries=3, probe_step=2000, probe_min=50.0)
     world.main(["--out", str(tmp_path), "--distiller_extra_layers", "0"])
     assert seen["run_cfg"].distiller_extra_layers == 0
     assert (seen["run_cfg"].llm["tries"], seen["run_cfg"].llm["probe_min"]) == (3, 50.0)   # the default
