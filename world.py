@@ -13,7 +13,8 @@ It holds, top to bottom:
      small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
      build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
      model.from_pretrained loads it back like a hub model; it ends once an in-context probe shows it has learned
-     in context (or starts over with another seed when it has not by step 2,000). The distiller starts as a copy
+     in context (or starts over with another seed when it has not by step 2,000); llm_record / reuse_llm take an
+     earlier run's LLM instead (world.py --llm_from: the LLM is the slow, chaotic phase). The distiller starts as a copy
      of it with two more, identity-initialized blocks on top (deepen; RunConfig: or a separate LM of the family
      trained the same way).
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
@@ -480,8 +481,63 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on
             f"(try {t + 2} of {cfg.tries})")
     lm.eval()
     model.save_pretrained(lm, out_dir, tokenizer=tokenizer)
-    return {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": steps, "seed": seed,
-            "probes": probes}
+    result = {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": steps, "seed": seed,
+              "probes": probes}
+    _write_json(Path(out_dir) / "pretrain.json", dict(result, config=asdict(cfg)))  # what reuse_llm reads back
+    return result
+
+
+def llm_record(src, cfg: WorldConfig) -> tuple:
+    """(how the LLM of an earlier run's folder SRC was trained, SRC's world.json) for world.py --llm_from: the first
+    from SRC/llm/pretrain.json (written by pretrain_lm since stop 30) or, for older runs, SRC/results.json's "llm"
+    entry. One-line errors, naming SRC, when it is not such a folder or its world's config is not `cfg`.
+    run_pipeline calls it before anything in its own folder is touched (SRC may be that folder)."""
+    src = Path(src)
+    where = f"world.py: --llm_from {src}"
+    if not (src / "world" / "world.json").is_file() or not (src / "llm" / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{where}: expected the --out folder of an earlier world.py run (world/world.json and "
+                                f"llm/model.safetensors)")
+    theirs, mine = json.loads((src / "world" / "world.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    diff = [k for k in mine if theirs["config"].get(k) != mine[k]]
+    if diff:
+        raise ValueError(f"{where}: its LLM was trained on another world ({diff[0]}={theirs['config'].get(diff[0])!r},"
+                         f" this run's {mine[diff[0]]!r}); train one here instead")
+    if (src / "llm" / "pretrain.json").is_file():
+        return json.loads((src / "llm" / "pretrain.json").read_text()), theirs
+    if (src / "results.json").is_file():
+        return json.loads((src / "results.json").read_text())["llm"], theirs
+    raise FileNotFoundError(f"{where}: no llm/pretrain.json or results.json saying how its LLM was trained")
+
+
+def reuse_llm(src, world_dir, out_dir, family: str, tokenizer, record: tuple) -> dict:
+    """world.py --llm_from SRC: the tiny LLM of an earlier run (SRC/llm) instead of training one. SRC's world.json
+    (as llm_record read it: `record`) must equal world_dir's (llm_record checked the config; this, the generator),
+    its LLM be of `family` and its tokenizer's vocabulary equal `tokenizer`'s; each mismatch is a one-line error
+    naming SRC. Copies SRC/llm into out_dir (nothing when they are the same folder: a rerun in place), writes
+    out_dir/pretrain.json and returns how the LLM was trained, with "reused_from"."""
+    import shutil
+
+    src, (info, theirs) = Path(src), record
+    where = f"world.py: --llm_from {src}"
+    if theirs != json.loads(Path(world_dir, "world.json").read_text()):
+        raise ValueError(f"{where}: its LLM was trained on another world (same config, generated differently: "
+                         f"another version of world.py); train one here instead")
+    kind = json.loads((src / "llm" / "config.json").read_text())["model_type"]
+    if kind != family:
+        raise ValueError(f"{where}: its LLM is a {kind}, this run's --family is {family}")
+    vocab = json.loads((src / "llm" / "tokenizer.json").read_text())["model"]["vocab"]
+    if vocab != tokenizer.get_vocab():
+        raise ValueError(f"{where}: its tokenizer's vocabulary differs from the one trained here on the same corpus "
+                         f"(another tokenizers version?); train the LLM here instead")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() != (src / "llm").resolve():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "llm", tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    _write_json(out_dir / "pretrain.json", info)
+    return dict(info, reused_from=str(src))
 
 
 def check_tries(tries: int, probe_step: int, steps: int, where: str) -> None:
@@ -838,14 +894,17 @@ def lowest_try(tries: list) -> tuple:
 
 
 def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, threads: int = 2,
-                 world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print, device: str = "cpu") -> dict:
+                 world_cfg: WorldConfig = None, run_cfg: RunConfig = None, log=print, device: str = "cpu",
+                 llm_from=None) -> dict:
     """Everything, in order: generate the world, train the tokenizer, the tiny LLM and the distiller (a copy of the
     LLM + RunConfig.distiller_extra_layers, or a separate LM), MEND stage 1 (distill; RunConfig.stage1_warmup's
     phases, then the final one) and HyperTuning's stage 1 (clm) through train.py, stage 2 (MEND finetune,
     HyperTuning pred, PromptTuning, and Table 4's rows: without L_distill, without L_pred, without pretraining),
     eval.py (5 methods, ablation, K sweep) and bench.py. Writes DIR/results.json last (a results.json already in
     DIR is removed first, so an interrupted run never leaves one that looks complete) and returns it. device: where
-    every training and evaluation runs (cpu, or cuda: in fp32 there too, so that only float rounding differs)."""
+    every training and evaluation runs (cpu, or cuda: in fp32 there too, so that only float rounding differs).
+    llm_from: an earlier run's folder whose LLM (trained on the same world) is reused instead of training one
+    (reuse_llm; the LLM is the slow, chaotic phase)."""
     import torch
 
     import data
@@ -855,8 +914,9 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
     torch.set_num_threads(threads)
     out = Path(out)
-    (out / "results.json").unlink(missing_ok=True)  # written last: present = this run finished
     wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
+    record = llm_record(llm_from, wcfg) if llm_from else None  # before anything here is touched (may be `out`)
+    (out / "results.json").unlink(missing_ok=True)  # written last: present = this run finished
     rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
     times, t_all = {}, time.time()
 
@@ -874,10 +934,12 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     texts = corpus_texts(wdir)
     tokenizer = train_tokenizer(texts)
     lm_cfg = LMConfig(**dict(rcfg.llm, family=family, seed=seed, threads=threads, device=device))
-    r = pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log)
-    llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps")}
+    r = (reuse_llm(llm_from, wdir, out / "llm", family, tokenizer, record) if llm_from else
+         pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log))
+    llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps", "reused_from") if k in r}
     log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}, "
-        f"seed {r['seed']}" + (f" (in-context probes: {r['probes']})" if r["probes"] else ""))
+        f"seed {r['seed']}" + (f" (in-context probes: {r['probes']})" if r["probes"] else "") +
+        (f"; reused from {llm_from}" if llm_from else ""))
     phase("llm")
     if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (+ identity blocks), own folder
         distiller = deepen(model.from_pretrained(out / "llm"), rcfg.distiller_extra_layers)
@@ -1044,6 +1106,9 @@ def main(argv=None):
     ap.add_argument("--fillers", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="filler words before each key of every input (WorldConfig.fillers_per_input; default 1 3, "
                          "--plain / --quick 0 0). Other ranges: README, Stops 27-29")
+    ap.add_argument("--llm_from", metavar="DIR", default=None,
+                    help="reuse the tiny LLM of an earlier run's --out DIR (same world: --seed, --fillers, --plain / "
+                         "--quick) instead of training one; DIR may be --out itself (a rerun in place)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: CI's cores)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                     help="where the LLM, stage 1, stage 2, eval.py and bench.py run (default cpu: the README's "
@@ -1068,6 +1133,8 @@ def main(argv=None):
         ap.error(f"argument --fillers: expected 0 <= MIN <= MAX, got {args.fillers[0]} {args.fillers[1]}")
     if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:
         ap.error(f"argument --distiller_extra_layers: expected an integer >= 0, got {args.distiller_extra_layers}")
+    if args.llm_from is not None and (args.llm_steps or args.llm_tries):
+        ap.error("argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries do not apply")
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -1095,7 +1162,7 @@ def main(argv=None):
     if args.fillers is not None:
         wcfg.fillers_per_input = tuple(args.fillers)
     return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, world_cfg=wcfg, run_cfg=rcfg,
-                        device=device)
+                        device=device, llm_from=args.llm_from)
 
 
 if __name__ == "__main__":

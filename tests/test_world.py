@@ -260,6 +260,66 @@ def test_pretrain_finishes_once_the_probe_meets_finish_min(quick_world, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+def test_llm_from_reuses_an_earlier_runs_llm(quick_world, tmp_path, monkeypatch):
+    """world.py --llm_from SRC: pretrain_lm records how its LLM was trained (llm/pretrain.json); llm_record and
+    reuse_llm copy SRC's LLM into a run of the same world, bit for bit, and refuse, in one line naming SRC, a folder
+    without an LLM, another world's config, the same config generated differently, another family. A rerun in
+    place (SRC = --out, an older run with only results.json) reads the record before results.json is removed and
+    keeps the LLM's files as they were."""
+    cfg = world.WorldConfig.quick()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    world.generate_world(src / "world", cfg)
+    tok = world.train_tokenizer(world.corpus_texts(src / "world"))
+    lm_cfg = world.LMConfig(n_embd=32, n_head=2, steps=5, batch_size=4, warmup=2, threads=1)
+    res = world.pretrain_lm(src / "world", src / "llm", lm_cfg, tokenizer=tok, log=lambda *a: None)
+    saved = json.loads((src / "llm" / "pretrain.json").read_text())
+    assert saved == json.loads(json.dumps(dict(res, config=dataclasses.asdict(lm_cfg))))
+    assert (saved["steps"], saved["seed"], saved["config"]["n_embd"]) == (5, 0, 32)
+    record = world.llm_record(src, cfg)
+    assert record == (saved, json.loads((src / "world" / "world.json").read_text()))
+    world.generate_world(dst / "world", cfg)
+    info = world.reuse_llm(src, dst / "world", dst / "llm", "gpt2", tok, record)
+    assert info == dict(saved, reused_from=str(src)) and _digest(dst / "llm") == _digest(src / "llm")
+    assert not (tmp_path / "dst" / "llm.tmp").exists()
+    with pytest.raises(FileNotFoundError, match=rf"^world.py: --llm_from {re.escape(str(tmp_path))}/none: expected "
+                                                r"the --out folder of an earlier world.py run \(world/world.json and "
+                                                r"llm/model.safetensors\)$"):
+        world.llm_record(tmp_path / "none", cfg)
+    with pytest.raises(ValueError, match=rf"^world.py: --llm_from {re.escape(str(src))}: its LLM was trained on "
+                                         r"another world \(seed=0, this run's 1\); train one here instead$"):
+        world.llm_record(src, world.WorldConfig.quick(1))
+    with pytest.raises(ValueError, match=r": its LLM was trained on another world \(fillers_per_input=\[0, 0\], "
+                                         r"this run's \[1, 3\]\)"):
+        world.llm_record(src, dataclasses.replace(cfg, fillers_per_input=(1, 3)))
+    with pytest.raises(ValueError, match=r": its LLM is a gpt2, this run's --family is opt$"):
+        world.reuse_llm(src, dst / "world", tmp_path / "x", "opt", tok, record)
+    changed = json.loads((dst / "world" / "world.json").read_text())
+    changed["rules"]["world_test_00"] = {}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "world.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=r": its LLM was trained on another world \(same config, generated "
+                                         r"differently: another version of world.py\); train one here instead$"):
+        world.reuse_llm(src, tmp_path / "other", tmp_path / "x", "gpt2", tok, record)
+    assert not (tmp_path / "x").exists()
+    # an older run rerun in place: no pretrain.json, the record in results.json, which the rerun removes first
+    (src / "llm" / "pretrain.json").unlink()
+    old = {"seed": 0, "probes": [], "final_loss": saved["final_loss"], "steps": 5}
+    (src / "results.json").write_text(json.dumps({"llm": old}))
+    before = _digest(src / "llm")
+
+    class Stop(Exception):
+        pass
+
+    def stop(lm, extra):
+        raise Stop
+    monkeypatch.setattr(world, "deepen", stop)                  # the phase after the LLM's: stop the run there
+    monkeypatch.setattr(world, "pretrain_lm", lambda *a, **k: pytest.fail("the LLM was trained again"))
+    with pytest.raises(Stop):
+        world.run_pipeline(src, quick=True, threads=1, llm_from=src, log=lambda *a: None)
+    assert not (src / "results.json").exists() and json.loads((src / "llm" / "pretrain.json").read_text()) == old
+    assert _digest(src / "llm") == dict(before, **{"pretrain.json": _digest(src / "llm")["pretrain.json"]})
+
+
 def test_icl_probe_scores_the_label_that_follows_the_query_in_D(quick_world, monkeypatch):
     """icl_probe's bookkeeping: with a scorer that answers by induction (the word after the query's earlier
     occurrence in D) it reports 100%; with one that scores every option alike, the share of queries whose answer
@@ -517,9 +577,9 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` sets those RunConfig fields (the rest stays the
     default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
     seen = {}
-    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg, device:
-                        seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg, run_cfg=run_cfg,
-                                    device=device))
+    monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg, device,
+                        llm_from: seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg,
+                                              run_cfg=run_cfg, device=device, llm_from=llm_from))
     world.main(["--out", str(tmp_path), "--l", "8", "--stage1_restarts", "2", "--llm_steps", "100", "--llm_tries",
                 "1"])
     r = seen["run_cfg"]
@@ -530,9 +590,17 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert (seen["run_cfg"].l, seen["run_cfg"].stage1_restarts, seen["quick"]) == (4, 1, True)
     assert (seen["run_cfg"].clm_curriculum, seen["run_cfg"].distiller_extra_layers) == (True, 0)
     assert seen["world_cfg"] == world.WorldConfig.quick(0) and seen["world_cfg"].fillers_per_input == (0, 0)
+    assert seen["llm_from"] is None
     world.main(["--out", str(tmp_path)])                                            # the default world and run
     assert seen["world_cfg"] == world.WorldConfig(seed=0) and seen["world_cfg"].fillers_per_input == (1, 3)
     assert seen["run_cfg"] == world.RunConfig() and (seen["run_cfg"].l, seen["run_cfg"].llm["finish_min"]) == (7, 90.0)
+    world.main(["--out", str(tmp_path), "--llm_from", str(tmp_path / "earlier")])
+    assert seen["llm_from"] == str(tmp_path / "earlier") and seen["run_cfg"] == world.RunConfig()
+    seen.clear()
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--llm_from", str(tmp_path), "--llm_tries", "2"])
+    assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries do not apply"
     world.main(["--out", str(tmp_path), "--plain", "--seed", "2"])                  # stops 13-28's world and recipe
     assert seen["world_cfg"] == world.WorldConfig.plain(2) and seen["world_cfg"].fillers_per_input == (0, 0)
     assert seen["run_cfg"] == world.RunConfig.plain() and seen["run_cfg"].l == 4
