@@ -260,12 +260,12 @@ def test_pretrain_finishes_once_the_probe_meets_finish_min(quick_world, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
-def test_llm_from_reuses_an_earlier_runs_llm(quick_world, tmp_path, monkeypatch):
+def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
     """world.py --llm_from SRC: pretrain_lm records how its LLM was trained (llm/pretrain.json); llm_record and
     reuse_llm copy SRC's LLM into a run of the same world, bit for bit, and refuse, in one line naming SRC, a folder
-    without an LLM, another world's config, the same config generated differently, another family. A rerun in
-    place (SRC = --out, an older run with only results.json) reads the record before results.json is removed and
-    keeps the LLM's files as they were."""
+    without an LLM or a record of it, another world's config, the same config generated differently, another
+    family, another tokenizer. A rerun in place (SRC = --out, an older run with only results.json) reads the record
+    before results.json is removed and keeps the LLM's files as they were."""
     cfg = world.WorldConfig.quick()
     src, dst = tmp_path / "src", tmp_path / "dst"
     world.generate_world(src / "world", cfg)
@@ -293,6 +293,10 @@ def test_llm_from_reuses_an_earlier_runs_llm(quick_world, tmp_path, monkeypatch)
         world.llm_record(src, dataclasses.replace(cfg, fillers_per_input=(1, 3)))
     with pytest.raises(ValueError, match=r": its LLM is a gpt2, this run's --family is opt$"):
         world.reuse_llm(src, dst / "world", tmp_path / "x", "opt", tok, record)
+    other_tok = world.train_tokenizer(["kaba lomu " * 50, "zizi pe"])
+    with pytest.raises(ValueError, match=r": its tokenizer's vocabulary differs from the one trained here on the same "
+                                         r"corpus \(another tokenizers version\?\); train the LLM here instead$"):
+        world.reuse_llm(src, dst / "world", tmp_path / "x", "gpt2", other_tok, record)
     changed = json.loads((dst / "world" / "world.json").read_text())
     changed["rules"]["world_test_00"] = {}
     (tmp_path / "other").mkdir()
@@ -303,6 +307,9 @@ def test_llm_from_reuses_an_earlier_runs_llm(quick_world, tmp_path, monkeypatch)
     assert not (tmp_path / "x").exists()
     # an older run rerun in place: no pretrain.json, the record in results.json, which the rerun removes first
     (src / "llm" / "pretrain.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r": no llm/pretrain.json or results.json saying how its LLM was "
+                                                r"trained$"):
+        world.llm_record(src, cfg)
     old = {"seed": 0, "probes": [], "final_loss": saved["final_loss"], "steps": 5}
     (src / "results.json").write_text(json.dumps({"llm": old}))
     before = _digest(src / "llm")
