@@ -937,14 +937,17 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     r = (reuse_llm(llm_from, wdir, out / "llm", family, tokenizer, record) if llm_from else
          pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log))
     llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps", "reused_from") if k in r}
-    log(f"[world.py] llm: {family} d={lm_cfg.n_embd} x {lm_cfg.n_layer} layers, loss {r['final_loss']:.3f}, "
+    saved = model.load_config(out / "llm")                         # the LLM's sizes as saved (trained or reused)
+    width = saved.get("n_embd", saved.get("d_model", saved.get("hidden_size")))
+    size = f"d={width}, {saved[_STACKS[saved['model_type']][0]]} layers"
+    log(f"[world.py] llm: {family} {size}, loss {r['final_loss']:.3f}, "
         f"seed {r['seed']}" + (f" (in-context probes: {r['probes']})" if r["probes"] else "") +
         (f"; reused from {llm_from}" if llm_from else ""))
     phase("llm")
     if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (+ identity blocks), own folder
         distiller = deepen(model.from_pretrained(out / "llm"), rcfg.distiller_extra_layers)
         model.save_pretrained(distiller, out / "distiller", tokenizer=tokenizer)
-        log(f"[world.py] distiller: a copy of the LLM ({family} d={lm_cfg.n_embd}, {lm_cfg.n_layer} layers) + "
+        log(f"[world.py] distiller: a copy of the LLM ({family} {size}) + "
             f"{rcfg.distiller_extra_layers} identity-initialized layers")
     else:
         d_cfg = LMConfig(**dict(rcfg.distiller, family=family, seed=seed + 1, threads=threads, device=device))
