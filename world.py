@@ -540,6 +540,29 @@ def reuse_llm(src, world_dir, out_dir, family: str, tokenizer, record: tuple) ->
     return dict(info, reused_from=str(src))
 
 
+ONSET_WIDTH = 500  # steps from the probe's first >= 50% to its first >= 90%: at most this = abrupt (README, Stop 31)
+
+
+def icl_onset(probes: list, seed: int) -> dict:
+    """How the kept LLM try (train seed `seed`) learned in context, from pretrain_lm's probes ([seed, step, percent]):
+    {"50": first step at >= 50%, "90": first step at >= 90% (None: never), "verdict"}. verdict: "abrupt" (within
+    ONSET_WIDTH steps: the LLMs MEND's stage 1 bound on), "gradual" (slower, or 50% but never 90%: stage 1 bound on
+    none of those measured; README, Stop 31), "none" (never 50%) or "not measured" (fewer than two probes of that
+    try: the plain world's single gate probe)."""
+    mine = [(step, pct) for s, step, pct in probes if s == seed]
+    first = lambda t: next((step for step, pct in mine if pct >= t), None)
+    at50, at90 = first(50.0), first(90.0)
+    if len(mine) < 2:
+        verdict = "not measured"
+    elif at50 is None:
+        verdict = "none"
+    elif at90 is not None and at90 - at50 <= ONSET_WIDTH:
+        verdict = "abrupt"
+    else:
+        verdict = "gradual"
+    return {"50": at50, "90": at90, "verdict": verdict}
+
+
 def check_tries(tries: int, probe_step: int, steps: int, where: str) -> None:
     """One-line errors for the LLM's tries: tries >= 1, and with tries > 1 a probe step inside the run."""
     if tries < 1:
@@ -937,12 +960,15 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     r = (reuse_llm(llm_from, wdir, out / "llm", family, tokenizer, record) if llm_from else
          pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log))
     llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps", "reused_from") if k in r}
+    llm_info["icl_onset"] = onset = icl_onset(r["probes"], r["seed"])
     saved = model.load_config(out / "llm")                         # the LLM's sizes as saved (trained or reused)
     width = saved.get("n_embd", saved.get("d_model", saved.get("hidden_size")))
     size = f"d={width}, {saved[_STACKS[saved['model_type']][0]]} layers"
     log(f"[world.py] llm: {family} {size}, loss {r['final_loss']:.3f}, "
         f"seed {r['seed']}" + (f" (in-context probes: {r['probes']})" if r["probes"] else "") +
         (f"; reused from {llm_from}" if llm_from else ""))
+    if onset["verdict"] in ("gradual", "none"):  # the run goes on: ICL and the baselines are still measured
+        log(f"[world.py] warning: {onset_line(onset)}")
     phase("llm")
     if rcfg.distiller is None:  # the distiller starts as a copy of the LLM (+ identity blocks), own folder
         distiller = deepen(model.from_pretrained(out / "llm"), rcfg.distiller_extra_layers)
@@ -1053,6 +1079,19 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     return result
 
 
+def onset_line(onset: dict) -> str:
+    """One line on how the LLM learned in context (icl_onset) and what that means for MEND."""
+    where = (f"probe >= 50% at step {onset['50']}" if onset["50"] else "probe never >= 50%") + \
+        (f", >= 90% at step {onset['90']}" if onset["90"] else ", never >= 90%" if onset["50"] else "")
+    return {"abrupt": f"the LLM learned in context abruptly ({where}): the kind of LLM MEND's stage 1 bound on "
+                      f"(README, Stop 31)",
+            "gradual": f"the LLM learned in context gradually ({where}): MEND's stage 1 did not bind on the gradual "
+                       f"LLMs measured and MEND stayed near chance (README, Stop 31); another --seed may help",
+            "none": f"the LLM did not learn in context ({where}): ICL and MEND stay near chance; try another --seed "
+                    f"or more --llm_tries",
+            "not measured": "the LLM's in-context onset was not measured (one probe per try)"}[onset["verdict"]]
+
+
 def result_table(r: dict) -> str:
     """The Table-2-shaped summary (accuracy, percent, mean over meta-test tasks and 5 seeds) + targets."""
     m, a = r["methods"], r["ablation"]
@@ -1081,6 +1120,8 @@ def result_table(r: dict) -> str:
                if "mend_clm_pretraining" in a else None),
               (f"MEND K={ks[0]} < K={ks[-1]}", r["k_sweep"][ks[0]]["mend"] < r["k_sweep"][ks[-1]]["mend"])]
     verdict = {True: "met", False: "MISSED", None: "not run (--clm_curriculum)"}
+    if "icl_onset" in r.get("llm", {}):
+        lines += ["", onset_line(r["llm"]["icl_onset"])]
     lines += ["", "targets: " + "; ".join(f"{n}: {verdict[ok]}" for n, ok in checks),
               f"timings (s): {r['seconds']} total {r['total_seconds']}"]
     return "\n".join(lines)

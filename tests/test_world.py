@@ -310,7 +310,9 @@ def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r": no llm/pretrain.json or results.json saying how its LLM was "
                                                 r"trained$"):
         world.llm_record(src, cfg)
-    old = {"seed": 0, "probes": [], "final_loss": saved["final_loss"], "steps": 5}
+    # (a made-up record of an LLM that learned in context gradually: the run warns right after the LLM phase)
+    old = {"seed": 0, "probes": [[0, 1750, 60.9], [0, 2000, 67.2], [0, 3000, 93.8]], "final_loss": saved["final_loss"],
+           "steps": 5}
     (src / "results.json").write_text(json.dumps({"llm": old}))
     before = _digest(src / "llm")
 
@@ -321,10 +323,44 @@ def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
         raise Stop
     monkeypatch.setattr(world, "deepen", stop)                  # the phase after the LLM's: stop the run there
     monkeypatch.setattr(world, "pretrain_lm", lambda *a, **k: pytest.fail("the LLM was trained again"))
+    logs = []
     with pytest.raises(Stop):
-        world.run_pipeline(src, quick=True, threads=1, llm_from=src, log=lambda *a: None)
+        world.run_pipeline(src, quick=True, threads=1, llm_from=src, log=logs.append)
     assert not (src / "results.json").exists() and json.loads((src / "llm" / "pretrain.json").read_text()) == old
+    assert ("[world.py] warning: the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step "
+            "3000): MEND's stage 1 did not bind on the gradual LLMs measured and MEND stayed near chance (README, "
+            "Stop 31); another --seed may help") in logs
     assert _digest(src / "llm") == dict(before, **{"pretrain.json": _digest(src / "llm")["pretrain.json"]})
+
+
+def test_icl_onset_tells_abrupt_from_gradual():
+    """icl_onset reads the kept try's probes only (other seeds' are ignored): abrupt = from >= 50% to >= 90% within
+    ONSET_WIDTH (500) steps, as stop 29's seed-0 and seed-2 LLMs (1,750 -> 2,000); gradual = slower or never 90%,
+    as seed 1's (1,750 -> 3,000); none = never 50%; one probe (the plain world's gate) = not measured."""
+    a0 = [[0, 1750, 34.4], [0, 2000, 34.9], [1, 1500, 34.9], [1, 1750, 86.5], [1, 2000, 99.5]]
+    assert world.icl_onset(a0, 1) == {"50": 1750, "90": 2000, "verdict": "abrupt"}
+    assert world.icl_onset(a0, 0) == {"50": None, "90": None, "verdict": "none"}
+    d1 = [[2, 2000, 91.0], [3, 1500, 37.5], [3, 1750, 60.9], [3, 2000, 67.2], [3, 2750, 85.9], [3, 3000, 93.8]]
+    assert world.icl_onset(d1, 3) == {"50": 1750, "90": 3000, "verdict": "gradual"}
+    assert world.ONSET_WIDTH == 500
+    assert world.icl_onset([[0, 1500, 50.0], [0, 2000, 90.0]], 0)["verdict"] == "abrupt"        # exactly 500 steps
+    assert world.icl_onset([[0, 1500, 50.0], [0, 2250, 90.0]], 0)["verdict"] == "gradual"
+    assert world.icl_onset([[0, 1000, 55.0], [0, 4000, 89.9]], 0) == {"50": 1000, "90": None, "verdict": "gradual"}
+    assert world.icl_onset([[0, 2000, 99.5]], 0) == {"50": 2000, "90": 2000, "verdict": "not measured"}
+    assert world.icl_onset([], 0)["verdict"] == "not measured"
+    lines = {v: world.onset_line(world.icl_onset(p, s)) for v, p, s in
+             (("abrupt", a0, 1), ("gradual", d1, 3), ("none", a0, 0), ("not measured", [], 0))}
+    assert lines == {
+        "abrupt": "the LLM learned in context abruptly (probe >= 50% at step 1750, >= 90% at step 2000): the kind of "
+                  "LLM MEND's stage 1 bound on (README, Stop 31)",
+        "gradual": "the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step 3000): MEND's "
+                   "stage 1 did not bind on the gradual LLMs measured and MEND stayed near chance (README, Stop 31); "
+                   "another --seed may help",
+        "none": "the LLM did not learn in context (probe never >= 50%): ICL and MEND stay near chance; try another "
+                "--seed or more --llm_tries",
+        "not measured": "the LLM's in-context onset was not measured (one probe per try)"}
+    assert world.onset_line({"50": 1000, "90": None, "verdict": "gradual"}).startswith(
+        "the LLM learned in context gradually (probe >= 50% at step 1000, never >= 90%): ")
 
 
 def test_icl_probe_scores_the_label_that_follows_the_query_in_D(quick_world, monkeypatch):
@@ -406,6 +442,8 @@ def test_pipeline_end_to_end_small(tmp_path, family):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["device"] == "cpu"
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     assert res["llm"]["seed"] == 0 and [p[:2] for p in res["llm"]["probes"]] == [[0, 10]]
+    assert res["llm"]["icl_onset"]["verdict"] == "not measured"                   # one probe (the gate's)
+    assert "\n\nthe LLM's in-context onset was not measured (one probe per try)\n\ntargets: " in world.result_table(res)
     assert 0 <= res["llm"]["probes"][0][2] <= 100 and res["llm"]["final_loss"] > 0
     dist = model.load_config(tmp_path / "distiller")
     if family == "gpt2":  # a copy of the LLM + RunConfig.distiller_extra_layers identity blocks (default 2)
