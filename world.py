@@ -546,9 +546,9 @@ ONSET_WIDTH = 500  # steps from the probe's first >= 50% to its first >= 90%: at
 def icl_onset(probes: list, seed: int) -> dict:
     """How the kept LLM try (train seed `seed`) learned in context, from pretrain_lm's probes ([seed, step, percent]):
     {"50": first step at >= 50%, "90": first step at >= 90% (None: never), "verdict"}. verdict: "abrupt" (within
-    ONSET_WIDTH steps: the LLMs MEND's stage 1 bound on), "gradual" (slower, or 50% but never 90%: stage 1 bound on
-    none of those measured; README, Stop 31), "none" (never 50%) or "not measured" (fewer than two probes of that
-    try: the plain world's single gate probe)."""
+    ONSET_WIDTH steps: every LLM MEND's stage 1 bound on, though it did not bind on every such one), "gradual"
+    (slower, or 50% but never 90%: stage 1 bound on none of those measured; README, Stop 31), "none" (never 50%) or
+    "not measured" (fewer than two probes of that try: the plain world's single gate probe)."""
     mine = [(step, pct) for s, step, pct in probes if s == seed]
     first = lambda t: next((step for step, pct in mine if pct >= t), None)
     at50, at90 = first(50.0), first(90.0)
@@ -1083,8 +1083,8 @@ def onset_line(onset: dict) -> str:
     """One line on how the LLM learned in context (icl_onset) and what that means for MEND."""
     where = (f"probe >= 50% at step {onset['50']}" if onset["50"] else "probe never >= 50%") + \
         (f", >= 90% at step {onset['90']}" if onset["90"] else ", never >= 90%" if onset["50"] else "")
-    return {"abrupt": f"the LLM learned in context abruptly ({where}): the kind of LLM MEND's stage 1 bound on "
-                      f"(README, Stop 31)",
+    return {"abrupt": f"the LLM learned in context abruptly ({where}), as the LLMs MEND's stage 1 bound on did "
+                      f"(not every such one: README, Stop 31)",
             "gradual": f"the LLM learned in context gradually ({where}): MEND's stage 1 did not bind on the gradual "
                        f"LLMs measured and MEND stayed near chance (README, Stop 31); another --seed may help",
             "none": f"the LLM did not learn in context ({where}): ICL and MEND stay near chance; try another --seed "

@@ -351,8 +351,8 @@ def test_icl_onset_tells_abrupt_from_gradual():
     lines = {v: world.onset_line(world.icl_onset(p, s)) for v, p, s in
              (("abrupt", a0, 1), ("gradual", d1, 3), ("none", a0, 0), ("not measured", [], 0))}
     assert lines == {
-        "abrupt": "the LLM learned in context abruptly (probe >= 50% at step 1750, >= 90% at step 2000): the kind of "
-                  "LLM MEND's stage 1 bound on (README, Stop 31)",
+        "abrupt": "the LLM learned in context abruptly (probe >= 50% at step 1750, >= 90% at step 2000), as the LLMs "
+                  "MEND's stage 1 bound on did (not every such one: README, Stop 31)",
         "gradual": "the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step 3000): MEND's "
                    "stage 1 did not bind on the gradual LLMs measured and MEND stayed near chance (README, Stop 31); "
                    "another --seed may help",
