@@ -1081,8 +1081,9 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
 
 def onset_line(onset: dict) -> str:
     """One line on how the LLM learned in context (icl_onset) and what that means for MEND."""
-    where = (f"probe >= 50% at step {onset['50']}" if onset["50"] else "probe never >= 50%") + \
-        (f", >= 90% at step {onset['90']}" if onset["90"] else ", never >= 90%" if onset["50"] else "")
+    at50, at90 = onset["50"], onset["90"]
+    where = (f"probe >= 50% at step {at50}" if at50 is not None else "probe never >= 50%") + \
+        (f", >= 90% at step {at90}" if at90 is not None else ", never >= 90%" if at50 is not None else "")
     return {"abrupt": f"the LLM learned in context abruptly ({where}), as the LLMs MEND's stage 1 bound on did "
                       f"(not every such one: README, Stop 31)",
             "gradual": f"the LLM learned in context gradually ({where}): MEND's stage 1 did not bind on the gradual "
