@@ -435,14 +435,16 @@ def test_pipeline_end_to_end_small(tmp_path, family):
                         stage1_fallback=(8, 0.5, 3, 4, 5e-3), stage1_plateau=0.0 if family == "gpt2" else 100.0,
                         stage1_steps=3, clm_steps=2, stage2_steps=3, k_sweep=(1, 16), bench=True,
                         clm_curriculum=family == "gpt2")
-    res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=lambda *a: None)
+    logs = []
+    res = world.run_pipeline(tmp_path, family, threads=1, world_cfg=w, run_cfg=r, log=logs.append)
     assert res["device"] == "cpu"                                            # run_pipeline's default, passed on:
     info = json.loads((tmp_path / "runs" / "pretrain-mend" / "best" / "train_info.json").read_text())["config"]
     assert (info["device"], info["precision"]) == ("cpu", "fp32")
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["device"] == "cpu"
     assert model.load_config(tmp_path / "llm")["model_type"] == family == res["family"]
     assert res["llm"]["seed"] == 0 and [p[:2] for p in res["llm"]["probes"]] == [[0, 10]]
-    assert res["llm"]["icl_onset"]["verdict"] == "not measured"                   # one probe (the gate's)
+    assert res["llm"]["icl_onset"]["verdict"] == "not measured"                   # one probe (the gate's): no
+    assert not [line for line in logs if line.startswith("[world.py] warning:")]  # warning after the LLM phase
     assert "\n\nthe LLM's in-context onset was not measured (one probe per try)\n\ntargets: " in world.result_table(res)
     assert 0 <= res["llm"]["probes"][0][2] <= 100 and res["llm"]["final_loss"] > 0
     dist = model.load_config(tmp_path / "distiller")
