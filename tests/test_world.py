@@ -567,6 +567,10 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
     r = world.RunConfig.plain()
     assert [r.restarts(i) for i in range(3)] == [3, 1, 1] and world.RunConfig(stage1_restarts=2).restarts(1) == 2
     assert [world.RunConfig().restarts(i) for i in range(3)] == [1, 1, 1]
+    # stage 1's steps per phase (warm-ups, then the final one): since stop 32 longer middle phases and a shorter
+    # final phase; --plain keeps stops 13-31's, the recipe behind its README figures
+    steps = lambda r: [ph[2] for ph in r.stage1_warmup] + [r.stage1_steps]  # noqa: E731
+    assert (steps(world.RunConfig()), steps(r)) == ([1000, 1000, 1000, 500], [1000, 500, 500, 1000])
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.distiller_extra_layers=-1: expected >= 0$"):
         world.RunConfig(distiller_extra_layers=-1)
 
