@@ -567,12 +567,20 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
     r = world.RunConfig.plain()
     assert [r.restarts(i) for i in range(3)] == [3, 1, 1] and world.RunConfig(stage1_restarts=2).restarts(1) == 2
     assert [world.RunConfig().restarts(i) for i in range(3)] == [1, 1, 1]
-    # stage 1's steps per phase (warm-ups, then the final one): since stop 32 longer middle phases and a shorter
-    # final phase; --plain keeps stops 13-31's, the recipe behind its README figures
-    steps = lambda r: [ph[2] for ph in r.stage1_warmup] + [r.stage1_steps]  # noqa: E731
-    assert (steps(world.RunConfig()), steps(r)) == ([1000, 1000, 1000, 500], [1000, 500, 500, 1000])
     with pytest.raises(ValueError, match=r"^world.py: RunConfig.distiller_extra_layers=-1: expected >= 0$"):
         world.RunConfig(distiller_extra_layers=-1)
+
+
+def test_stage1_steps_per_phase_of_the_default_and_plain_recipes():
+    """Stage 1's steps per phase (the warm-ups, then the final one): since stop 32 the default has longer 16- and
+    32-token phases and a 500-step final phase; --plain keeps stops 13-31's, the recipe behind its README figures.
+    Both share the phases' lengths, beta, batch and lr."""
+    default, plain = world.RunConfig(), world.RunConfig.plain()
+    assert [ph[2] for ph in default.stage1_warmup] + [default.stage1_steps] == [1000, 1000, 1000, 500]
+    assert [ph[2] for ph in plain.stage1_warmup] + [plain.stage1_steps] == [1000, 500, 500, 1000]
+    same = [[ph[i] for i in (0, 1, 3, 4)] for ph in default.stage1_warmup]
+    assert same == [[ph[i] for i in (0, 1, 3, 4)] for ph in plain.stage1_warmup] == \
+        [[8, 0.5, 64, 2e-3], [16, 0.5, 64, 2e-3], [32, 0.5, 64, 2e-3]]
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
