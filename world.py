@@ -4,11 +4,11 @@ It holds, top to bottom:
   1. the world generator (generate_world): a made-up vocabulary of item words (4 shared keys by default), label
      words and filler words (1-3 before each item by default: D with redundancy, as real demonstrations have; none in
      the plain world, WorldConfig.plain; item categories available, off); in-context-learning tasks whose
-     hidden rule maps the input's last word (an item) to one of the task's own label words; every k-shot file's
-     demonstrations cover all the items of its task, so in-context learning is plain induction (find the query's
-     item in D, copy the label that followed it); meta-train and meta-test families with disjoint label words; all
-     of it written in the real formats: a C4-like corpus DIR/c4/*.json.gz and a MetaICL folder
-     DIR/metaicl/{data,config}.
+     hidden rule maps the input's item (its last word, or a fixed phrase: WorldConfig.item_words) to one of the
+     task's own label words; every k-shot file's demonstrations cover all the items of its task, so in-context
+     learning is plain induction (find the query's item in D, copy the label that followed it); meta-train and
+     meta-test families with disjoint label words; all of it written in the real formats: a C4-like corpus
+     DIR/c4/*.json.gz and a MetaICL folder DIR/metaicl/{data,config}.
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
      small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
      build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
@@ -53,7 +53,10 @@ FAMILIES = ("gpt2", "t5", "opt", "llama")   # --family: the LM family of both th
 @dataclass
 class WorldConfig:
     seed: int = 0
-    n_items: int = 4                # item words (the keys: x's deciding word)
+    n_items: int = 4                # items (the keys: x's deciding word or phrase)
+    # inclusive range of words per item: item i of the lexicon is a fixed phrase of lo + i % (hi - lo + 1) words
+    # (every word but the first follows from the one before it; the label follows the phrase's last word)
+    item_words: tuple = (1, 1)
     shared_items: bool = True       # both families use every item (label words stay disjoint); False: first half
                                     # of the items for meta-train tasks, second half for meta-test tasks
     n_categories: int = 0           # > 0: the label is decided by a hidden item category (index mod n); 0: by a
@@ -80,6 +83,9 @@ class WorldConfig:
     n_shards: int = 2
 
     def __post_init__(self):
+        if not 1 <= self.item_words[0] <= self.item_words[1]:
+            raise ValueError(f"world.py: WorldConfig.item_words={tuple(self.item_words)}: expected (lo, hi) with "
+                             "1 <= lo <= hi")
         if self.k != 16:
             raise ValueError(f"world.py: WorldConfig.k={self.k}: expected 16 (the MetaICL k=16 files every reader "
                              "opens; use eval.py --k for fewer demonstrations)")
@@ -111,7 +117,7 @@ def _rng(cfg: WorldConfig, *parts) -> random.Random:
 
 def make_lexicon(cfg: WorldConfig) -> dict:
     """Made-up words: {"items": [...], "fillers": [...], "labels": [...]}, all distinct 2-syllable words (one BPE
-    token each)."""
+    token each; an item is a phrase of one or more of them, WorldConfig.item_words)."""
     rng = _rng(cfg, "lexicon")
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
     seen = set()
@@ -125,7 +131,11 @@ def make_lexicon(cfg: WorldConfig) -> dict:
                 out.append(w)
         return out
 
-    return {"items": words(cfg.n_items, 2), "labels": words(cfg.n_label_words, 2),
+    lo, hi = cfg.item_words
+    lens = [lo + i % (hi - lo + 1) for i in range(cfg.n_items)]
+    parts = words(sum(lens), 2)
+    items = [" ".join(parts[sum(lens[:i]):sum(lens[:i + 1])]) for i in range(cfg.n_items)]
+    return {"items": items, "labels": words(cfg.n_label_words, 2),
             "fillers": words(cfg.n_fillers, 2)}
 
 
@@ -162,8 +172,8 @@ def random_task(rng: random.Random, name: str, items: list, label_pool: list, cf
 
 
 def sample_examples(rng: random.Random, task: Task, lex: dict, cfg: WorldConfig, n: int, cover: bool) -> list:
-    """n (input, output) pairs. input = fillers_per_input fillers + the deciding item (last word); output = its label.
-    Labels are uniform over the task's labels (balanced, so zero-shot sits at chance). cover=True: every item of
+    """n (input, output) pairs. input = fillers_per_input fillers + the deciding item (last word(s)); output = its
+    label. Labels are uniform over the task's labels (balanced, so zero-shot sits at chance). cover=True: every item of
     the task occurs at least once (the k demonstrations of a file; needs n >= #items), in shuffled order.
     Fillers are drawn without repetition inside the returned list when the pool allows it (passages, k-shot and
     test files: copying what followed an earlier occurrence of a word is then right for every repeated word),
@@ -498,6 +508,8 @@ def llm_record(src, cfg: WorldConfig) -> tuple:
         raise FileNotFoundError(f"{where}: expected the --out folder of an earlier world.py run (world/world.json and "
                                 f"llm/model.safetensors)")
     theirs, mine = json.loads((src / "world" / "world.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    # a run of an older world.py lacks the fields added since (item_words): they had their default value
+    theirs["config"] = {**json.loads(json.dumps(asdict(WorldConfig()))), **theirs.get("config", {})}
     diff = [k for k in mine if theirs["config"].get(k) != mine[k]]
     if diff:
         raise ValueError(f"{where}: its LLM was trained on another world ({diff[0]}={theirs['config'].get(diff[0])!r},"
@@ -547,7 +559,8 @@ def icl_onset(probes: list, seed: int) -> dict:
     """How the kept LLM try (train seed `seed`) learned in context, from pretrain_lm's probes ([seed, step, percent]):
     {"50": first step at >= 50%, "90": first step at >= 90% (None: never), "verdict"}. verdict: "abrupt" (within
     ONSET_WIDTH steps: every LLM MEND's stage 1 bound on, though it did not bind on every such one), "gradual"
-    (slower, or 50% but never 90%: stage 1 bound on none of those measured; README, Stop 31), "none" (never 50%) or
+    (slower, or 50% but never 90%: stage 1 bound on none of those of the filler world, in part on the three of the
+    item-phrase world; README, Stops 31 and 33), "none" (never 50%) or
     "not measured" (fewer than two probes of that try: the plain world's single gate probe)."""
     mine = [(step, pct) for s, step, pct in probes if s == seed]
     first = lambda t: next((step for step, pct in mine if pct >= t), None)
@@ -1095,7 +1108,8 @@ def onset_line(onset: dict) -> str:
     return {"abrupt": f"the LLM learned in context abruptly ({where}), as the LLMs MEND's stage 1 bound on did "
                       f"(not every such one: README, Stop 31)",
             "gradual": f"the LLM learned in context gradually ({where}): MEND's stage 1 did not bind on the gradual "
-                       f"LLMs measured and MEND stayed near chance (README, Stop 31); another --seed may help",
+                       f"LLMs of the filler world measured (MEND near chance; README, Stop 31) and bound in part on "
+                       f"the item-phrase world's three (Stop 33); another --seed may help",
             "none": f"the LLM did not learn in context ({where}): ICL and MEND stay near chance; try another --seed "
                     f"or more --llm_tries",
             "not measured": "the LLM's in-context onset was not measured (one probe per try)"}[onset["verdict"]]
@@ -1159,9 +1173,13 @@ def main(argv=None):
     ap.add_argument("--fillers", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="filler words before each key of every input (WorldConfig.fillers_per_input; default 1 3, "
                          "--plain / --quick 0 0). Other ranges: README, Stops 27-29")
+    ap.add_argument("--item_words", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                    help="words per item phrase (WorldConfig.item_words; item i has MIN + i %% (MAX - MIN + 1)); "
+                         "1 1 = one-word items")
     ap.add_argument("--llm_from", metavar="DIR", default=None,
-                    help="reuse the tiny LLM of an earlier run's --out DIR (same world: --seed, --fillers, --plain / "
-                         "--quick) instead of training one; DIR may be --out itself (a rerun in place)")
+                    help="reuse the tiny LLM of an earlier run's --out DIR (same world: --seed, --fillers, "
+                         "--item_words, --plain / --quick) instead of training one; DIR may be --out itself (a "
+                         "rerun in place)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: CI's cores)")
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                     help="where the LLM, stage 1, stage 2, eval.py and bench.py run (default cpu: the README's "
@@ -1182,6 +1200,8 @@ def main(argv=None):
     for name in ("llm_steps", "llm_tries", "l", "stage1_restarts", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"argument --{name}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.item_words is not None and not 1 <= args.item_words[0] <= args.item_words[1]:
+        ap.error(f"argument --item_words: expected 1 <= MIN <= MAX, got {args.item_words[0]} {args.item_words[1]}")
     if args.fillers is not None and not 0 <= args.fillers[0] <= args.fillers[1]:
         ap.error(f"argument --fillers: expected 0 <= MIN <= MAX, got {args.fillers[0]} {args.fillers[1]}")
     if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:
@@ -1214,6 +1234,8 @@ def main(argv=None):
             WorldConfig(seed=args.seed))
     if args.fillers is not None:
         wcfg.fillers_per_input = tuple(args.fillers)
+    if args.item_words is not None:
+        wcfg.item_words = tuple(args.item_words)
     return run_pipeline(args.out, args.family, args.seed, args.quick, args.threads, world_cfg=wcfg, run_cfg=rcfg,
                         device=device, llm_from=args.llm_from)
 

@@ -305,6 +305,14 @@ def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
                                          r"differently: another version of world.py\); train one here instead$"):
         world.reuse_llm(src, tmp_path / "other", tmp_path / "x", "gpt2", tok, record)
     assert not (tmp_path / "x").exists()
+    # a run of an older world.py: its world.json lacks item_words (added in stop 33), which then had its default
+    older = json.loads((src / "world" / "world.json").read_text())
+    del older["config"]["item_words"]
+    (src / "world" / "world.json").write_text(json.dumps(older))
+    assert world.llm_record(src, cfg) == record
+    with pytest.raises(ValueError, match=r": its LLM was trained on another world \(item_words=\[1, 1\], this run's "
+                                         r"\[2, 4\]\)"):
+        world.llm_record(src, dataclasses.replace(cfg, item_words=(2, 4)))
     # an older run rerun in place: no pretrain.json, the record in results.json, which the rerun removes first
     (src / "llm" / "pretrain.json").unlink()
     with pytest.raises(FileNotFoundError, match=r": no llm/pretrain.json or results.json saying how its LLM was "
@@ -328,8 +336,9 @@ def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
         world.run_pipeline(src, quick=True, threads=1, llm_from=src, log=logs.append)
     assert not (src / "results.json").exists() and json.loads((src / "llm" / "pretrain.json").read_text()) == old
     assert ("[world.py] warning: the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step "
-            "3000): MEND's stage 1 did not bind on the gradual LLMs measured and MEND stayed near chance (README, "
-            "Stop 31); another --seed may help") in logs
+            "3000): MEND's stage 1 did not bind on the gradual LLMs of the filler world measured (MEND near chance; "
+            "README, Stop 31) and bound in part on the item-phrase world's three (Stop 33); another --seed may "
+            "help") in logs
     assert _digest(src / "llm") == dict(before, **{"pretrain.json": _digest(src / "llm")["pretrain.json"]})
 
 
@@ -354,8 +363,8 @@ def test_icl_onset_tells_abrupt_from_gradual():
         "abrupt": "the LLM learned in context abruptly (probe >= 50% at step 1750, >= 90% at step 2000), as the LLMs "
                   "MEND's stage 1 bound on did (not every such one: README, Stop 31)",
         "gradual": "the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step 3000): MEND's "
-                   "stage 1 did not bind on the gradual LLMs measured and MEND stayed near chance (README, Stop 31); "
-                   "another --seed may help",
+                   "stage 1 did not bind on the gradual LLMs of the filler world measured (MEND near chance; README, "
+                   "Stop 31) and bound in part on the item-phrase world's three (Stop 33); another --seed may help",
         "none": "the LLM did not learn in context (probe never >= 50%): ICL and MEND stay near chance; try another "
                 "--seed or more --llm_tries",
         "not measured": "the LLM's in-context onset was not measured (one probe per try)"}
@@ -603,6 +612,40 @@ def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
             assert {r["input"].split()[-1] for r in rows} == set(summary["rules"][task])
 
 
+def test_item_phrases_keep_the_induction_rule_exact(tmp_path):
+    """WorldConfig.item_words=(2, 4): item i is a fixed phrase of 2 + i % 3 distinct words (2, 3, 4, 2 for 4 items),
+    each one BPE token; in passages and k-shot files a label word always follows a whole item phrase, one label per
+    phrase in a passage, and each seed's k demonstrations cover every item; (1, 1) is the one-word lexicon."""
+    cfg = world.WorldConfig(n_train_tasks=2, n_test_tasks=2, n_test_queries=8, pool_size=16, n_passages=20,
+                            fillers_per_input=(0, 0), item_words=(2, 4))
+    summary = world.generate_world(tmp_path, cfg)
+    lex = summary["lexicon"]
+    assert [len(it.split()) for it in lex["items"]] == [2, 3, 4, 2]
+    parts = [w for it in lex["items"] for w in it.split()]
+    assert len(set(parts + lex["labels"] + lex["fillers"])) == len(parts) + 48 + 96
+    assert parts[:4] == world.make_lexicon(world.WorldConfig())["items"]   # one word stream, grouped into phrases
+    labels, by_last = set(lex["labels"]), {it.split()[-1]: it for it in lex["items"]}
+    texts = world.corpus_texts(tmp_path)
+    for t in texts:
+        words, rule, n = t.split(), {}, 0
+        for i, w in enumerate(words):
+            if w in labels:
+                item = by_last[words[i - 1]]
+                assert " ".join(words[i - len(item.split()):i]) == item and rule.setdefault(item, w) == w
+                n += 1
+        assert 12 <= n <= 24 and len(words) == n + sum(len(by_last[words[i - 1]].split())
+                                                       for i, w in enumerate(words) if w in labels)
+    tok = world.train_tokenizer(texts)
+    assert all(len(tok.encode(" " + w).ids) == 1 for w in set(w for t in texts for w in t.split()))
+    for task in summary["test_tasks"]:
+        rows = world.read_jsonl(tmp_path / "metaicl" / "data" / task / f"{task}_16_100_train.jsonl")
+        assert {r["input"] for r in rows} == set(summary["rules"][task]) and \
+            all(summary["rules"][task][r["input"]] == r["output"] for r in rows)
+    with pytest.raises(ValueError, match=r"^world.py: WorldConfig.item_words=\(3, 2\): expected \(lo, hi\) with "
+                                         r"1 <= lo <= hi$"):
+        world.WorldConfig(item_words=(3, 2))
+
+
 def test_quick_world_learns_in_context(tmp_path):
     """Issue 9's CI guard: `python world.py --quick` (the CI-sized world and run, on both cores of the CI machine
     as `python world.py` runs by default: ~5 min on this project's 2-core VM) trains a tiny LLM that really learns
@@ -675,6 +718,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert seen["world_cfg"] == world.WorldConfig(seed=3, fillers_per_input=(0, 1))
     world.main(["--out", str(tmp_path), "--quick", "--fillers", "1", "2"])
     assert seen["world_cfg"] == dataclasses.replace(world.WorldConfig.quick(0), fillers_per_input=(1, 2))
+    world.main(["--out", str(tmp_path), "--item_words", "2", "4"])
+    assert seen["world_cfg"] == world.WorldConfig(item_words=(2, 4))
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
                         ("--threads", "0")):
         seen.clear()
@@ -697,6 +742,11 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
         world.main(["--out", str(tmp_path), "--fillers", "2", "1"])
     assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
         "world.py: error: argument --fillers: expected 0 <= MIN <= MAX, got 2 1"
+    seen.clear()
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--item_words", "0", "2"])
+    assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --item_words: expected 1 <= MIN <= MAX, got 0 2"
     world.main(["--out", str(tmp_path), "--device", "auto"])
     assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():  # CI: a CPU build of torch
