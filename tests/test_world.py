@@ -615,7 +615,8 @@ def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
 def test_item_phrases_keep_the_induction_rule_exact(tmp_path):
     """WorldConfig.item_words=(2, 4): item i is a fixed phrase of 2 + i % 3 distinct words (2, 3, 4, 2 for 4 items),
     each one BPE token; in passages and k-shot files a label word always follows a whole item phrase, one label per
-    phrase in a passage, and each seed's k demonstrations cover every item; (1, 1) is the one-word lexicon."""
+    phrase in a passage, and a meta-test file's k demonstrations are whole phrases covering every item of the task;
+    (1, 1) is the one-word lexicon's word stream; (3, 2) is refused in one line."""
     cfg = world.WorldConfig(n_train_tasks=2, n_test_tasks=2, n_test_queries=8, pool_size=16, n_passages=20,
                             fillers_per_input=(0, 0), item_words=(2, 4))
     summary = world.generate_world(tmp_path, cfg)
