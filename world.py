@@ -559,7 +559,7 @@ def icl_onset(probes: list, seed: int) -> dict:
     """How the kept LLM try (train seed `seed`) learned in context, from pretrain_lm's probes ([seed, step, percent]):
     {"50": first step at >= 50%, "90": first step at >= 90% (None: never), "verdict"}. verdict: "abrupt" (within
     ONSET_WIDTH steps: every LLM MEND's stage 1 bound on, though it did not bind on every such one), "gradual"
-    (slower, or 50% but never 90%: stage 1 bound on none of those of the filler world, in part on the three of the
+    (slower, or 50% but never 90%: stage 1 bound on none of those of the filler world, in part on the four of the
     item-phrase world; README, Stops 31 and 33), "none" (never 50%) or
     "not measured" (fewer than two probes of that try: the plain world's single gate probe)."""
     mine = [(step, pct) for s, step, pct in probes if s == seed]
@@ -1109,7 +1109,7 @@ def onset_line(onset: dict) -> str:
                       f"(not every such one: README, Stop 31)",
             "gradual": f"the LLM learned in context gradually ({where}): MEND's stage 1 did not bind on the gradual "
                        f"LLMs of the filler world measured (MEND near chance; README, Stop 31) and bound in part on "
-                       f"the item-phrase world's three (Stop 33); another --seed may help",
+                       f"the item-phrase world's four (Stop 33); another --seed may help",
             "none": f"the LLM did not learn in context ({where}): ICL and MEND stay near chance; try another --seed "
                     f"or more --llm_tries",
             "not measured": "the LLM's in-context onset was not measured (one probe per try)"}[onset["verdict"]]

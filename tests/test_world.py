@@ -337,7 +337,7 @@ def test_llm_from_reuses_an_earlier_runs_llm(tmp_path, monkeypatch):
     assert not (src / "results.json").exists() and json.loads((src / "llm" / "pretrain.json").read_text()) == old
     assert ("[world.py] warning: the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step "
             "3000): MEND's stage 1 did not bind on the gradual LLMs of the filler world measured (MEND near chance; "
-            "README, Stop 31) and bound in part on the item-phrase world's three (Stop 33); another --seed may "
+            "README, Stop 31) and bound in part on the item-phrase world's four (Stop 33); another --seed may "
             "help") in logs
     assert _digest(src / "llm") == dict(before, **{"pretrain.json": _digest(src / "llm")["pretrain.json"]})
 
@@ -364,7 +364,7 @@ def test_icl_onset_tells_abrupt_from_gradual():
                   "MEND's stage 1 bound on did (not every such one: README, Stop 31)",
         "gradual": "the LLM learned in context gradually (probe >= 50% at step 1750, >= 90% at step 3000): MEND's "
                    "stage 1 did not bind on the gradual LLMs of the filler world measured (MEND near chance; README, "
-                   "Stop 31) and bound in part on the item-phrase world's three (Stop 33); another --seed may help",
+                   "Stop 31) and bound in part on the item-phrase world's four (Stop 33); another --seed may help",
         "none": "the LLM did not learn in context (probe never >= 50%): ICL and MEND stay near chance; try another "
                 "--seed or more --llm_tries",
         "not measured": "the LLM's in-context onset was not measured (one probe per try)"}
