@@ -133,8 +133,8 @@ def make_lexicon(cfg: WorldConfig) -> dict:
 
     lo, hi = cfg.item_words
     lens = [lo + i % (hi - lo + 1) for i in range(cfg.n_items)]
-    parts = words(sum(lens), 2)
-    items = [" ".join(parts[sum(lens[:i]):sum(lens[:i + 1])]) for i in range(cfg.n_items)]
+    parts = iter(words(sum(lens), 2))                  # one word stream, grouped into phrases ((1, 1): one word each)
+    items = [" ".join(next(parts) for _ in range(n)) for n in lens]
     return {"items": items, "labels": words(cfg.n_label_words, 2),
             "fillers": words(cfg.n_fillers, 2)}
 
