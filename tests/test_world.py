@@ -677,8 +677,8 @@ def test_quick_world_learns_in_context(tmp_path):
 
 
 def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeypatch, capsys, tmp_path):
-    """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` sets those RunConfig fields (the rest stays the
-    default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
+    """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` (and --stage1_steps) sets those RunConfig fields
+    (the rest stays the default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
     seen = {}
     monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg, device,
                         llm_from: seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg,
@@ -721,8 +721,12 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert seen["world_cfg"] == dataclasses.replace(world.WorldConfig.quick(0), fillers_per_input=(1, 2))
     world.main(["--out", str(tmp_path), "--item_words", "2", "4"])
     assert seen["world_cfg"] == world.WorldConfig(item_words=(2, 4))
+    world.main(["--out", str(tmp_path), "--stage1_steps", "1000"])
+    assert seen["run_cfg"] == dataclasses.replace(world.RunConfig(), stage1_steps=1000)
+    world.main(["--out", str(tmp_path), "--quick", "--stage1_steps", "300"])
+    assert seen["run_cfg"] == dataclasses.replace(world.RunConfig.quick(), stage1_steps=300)
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
-                        ("--threads", "0")):
+                        ("--stage1_steps", "0"), ("--threads", "0")):
         seen.clear()
         with pytest.raises(SystemExit) as e:
             world.main(["--out", str(tmp_path), flag, value])
