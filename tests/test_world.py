@@ -678,7 +678,8 @@ def test_quick_world_learns_in_context(tmp_path):
 
 def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeypatch, capsys, tmp_path):
     """`python world.py --l 8 --stage1_restarts 2 --llm_steps 100` (and --stage1_steps) sets those RunConfig fields
-    (the rest stays the default); a value below 1 fails before anything runs, with argparse's one line naming the flag."""
+    (the rest stays the default); a value below 1 fails before anything runs, with argparse's one line naming the
+    flag."""
     seen = {}
     monkeypatch.setattr(world, "run_pipeline", lambda out, family, seed, quick, threads, world_cfg, run_cfg, device,
                         llm_from: seen.update(out=out, quick=quick, threads=threads, world_cfg=world_cfg,
