@@ -10,11 +10,12 @@ It holds, top to bottom:
      meta-test families with disjoint label words; all of it written in the real formats: a C4-like corpus
      DIR/c4/*.json.gz and a MetaICL folder DIR/metaicl/{data,config}.
   2. the tiny LLM (train_tokenizer, pretrain_lm): a byte-level BPE trained with `tokenizers` on the corpus and a
-     small GPT-2 (or T5, OPT, Llama-style) trained from scratch with a plain PyTorch loop on model.py's
-     build_model, on a stream of fresh passages of the corpus's generator, saved with model.save_pretrained so
-     model.from_pretrained loads it back like a hub model; it ends once an in-context probe shows it has learned
-     in context (or starts over with another seed when it has not by step 2,000); llm_record / reuse_llm take an
-     earlier run's LLM instead (world.py --llm_from: the LLM is the slow, chaotic phase). The distiller starts as a copy
+     small GPT-2 (or T5, OPT, Llama-style) trained with a plain PyTorch loop on model.py's build_model, on a stream
+     of fresh passages of the corpus's generator, saved with model.save_pretrained so model.from_pretrained loads
+     it back like a hub model. The default GPT-2 starts with an induction circuit set by hand (induction_init; since
+     stop 35), the others from transformers' random init (--llm_init random: GPT-2 too); it ends once an in-context
+     probe shows it has learned in context (or starts over with another seed when it has not by step 2,000);
+     llm_record / reuse_llm take an earlier run's LLM instead (world.py --llm_from). The distiller starts as a copy
      of it with two more, identity-initialized blocks on top (deepen; RunConfig: or a separate LM of the family
      trained the same way).
   3. quick_icl_check: a small, self-contained scorer (log-likelihood of each option, MetaICL protocol), used to
@@ -45,6 +46,7 @@ from pathlib import Path
 SETTING = "tiny_world"
 SEEDS = (100, 13, 21, 42, 87)
 FAMILIES = ("gpt2", "t5", "opt", "llama")   # --family: the LM family of both the tiny LLM and its distiller
+LLM_INITS = ("induction", "random")         # --llm_init: how the tiny LLM's weights start (LMConfig.init)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,6 +338,10 @@ class LMConfig:
     threads: int = 2
     device: str = "cpu"           # cpu | cuda (world.py --device)
     pos_init: float = 0.0         # GPT-2: > 0 initializes the learned positions with sinusoids of this amplitude
+    # "random": every weight as transformers initializes it. "induction" (GPT-2): an induction circuit set by hand in
+    # layers 0 and 1 (induction_init), then every weight trains as usual: learned from scratch, the circuit's onset
+    # came between step ~1,750 and never, by float rounding, in 15 recipes (README, "Stop 35")
+    init: str = "random"
     # ICL appears as a phase change whose timing is chaotic: the same recipe and seed gave ICL 82 with 1 thread and
     # 65 with 2 on one CPU (float rounding). tries > 1: at probe_step, an LM whose icl_probe is below probe_min
     # (percent) starts over with the next seed (seed + 1, ...); the last try always runs to the end
@@ -360,6 +366,53 @@ def sinusoids(n: int, d: int):
     table = torch.zeros(n, d)
     table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return table
+
+
+def induction_init(lm):
+    """Set an induction circuit by hand in a freshly built GPT-2 (LMConfig.init = "induction"; README, "Stop 35"):
+    the residual stream is split into token dims, a "previous token" subspace S and sinusoidal positions P (hd dims
+    each, hd = the head width); layer 0 head 0 attends to position i - 1 (its query is its position rotated one step
+    back) and writes that token's identity (a random orthonormal projection R) into S; layer 1 head 0 attends to
+    the positions whose S holds the current token (query R.token, key S) and copies the token it finds there into
+    the logits (tied embeddings). On the tiny world's default tasks that is in-context learning at step 0 (probe
+    100%); the other heads, the MLPs and every weight of the circuit then train as usual. Uses torch's global RNG
+    (seeded by the caller). The scales are for d = 128 with 4 heads; needs 2 layers or more and d >= 4 x hd."""
+    import torch
+
+    cfg = lm.config
+    d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    if cfg.n_layer < 2 or d < 4 * hd:
+        raise ValueError(f"world.py: LMConfig.init='induction' needs n_layer >= 2 and n_embd >= 4 x head width, got "
+                         f"n_layer={cfg.n_layer}, n_embd={d}, n_head={cfg.n_head}")
+    n_tok = d - 2 * hd
+    tok, prev, posd = slice(0, n_tok), slice(n_tok, n_tok + hd), slice(n_tok + hd, d)
+    R = torch.linalg.qr(torch.randn(n_tok, n_tok))[0][:, :2 * hd].T       # (2 hd, n_tok), orthonormal rows
+    R_key, R_copy = R[:hd], R[hd:]                                         # (hd, n_tok) each
+    w = torch.exp(torch.linspace(math.log(2.5), math.log(0.05), hd // 2))  # angular frequencies, not commensurate
+    pos = torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]
+    q, k, v = (slice(i * d, i * d + hd) for i in range(3))                 # head 0's columns of c_attn
+    with torch.no_grad():
+        wte, wpe = lm.transformer.wte.weight, lm.transformer.wpe.weight
+        wte.zero_()[:, tok] = torch.randn(wte.shape[0], n_tok) / math.sqrt(n_tok)  # |token| ~ 1
+        wpe.zero_()[:, posd] = torch.stack([torch.sin(pos * w), torch.cos(pos * w)], -1).flatten(1) / math.sqrt(hd / 2)
+        a0, a1 = lm.transformer.h[0].attn, lm.transformer.h[1].attn
+        for a in (a0, a1):
+            for cols in (q, k, v):
+                a.c_attn.weight[:, cols], a.c_attn.bias[cols] = 0.0, 0.0
+            a.c_proj.weight[:hd] = 0.0
+        rot = torch.zeros(hd, hd)                                          # p_i -> p_(i-1), pair by pair
+        for f in range(hd // 2):
+            c, s_ = math.cos(w[f]), math.sin(w[f])
+            rot[2 * f:2 * f + 2, 2 * f:2 * f + 2] = torch.tensor([[c, s_], [-s_, c]])
+        a0.c_attn.weight[posd, q] = 1.5 * rot                              # layer 0 head 0: position i - 1
+        a0.c_attn.weight[posd, k] = 1.5 * torch.eye(hd)
+        a0.c_attn.weight[tok, v] = 0.42 * R_key.T
+        a0.c_proj.weight[:hd, prev] = 0.42 * torch.eye(hd)                 # ... written into S
+        a1.c_attn.weight[tok, q] = 1.7 * R_key.T                           # layer 1 head 0: S == my token
+        a1.c_attn.weight[prev, k] = 1.7 * torch.eye(hd)
+        a1.c_attn.weight[tok, v] = 0.8 * R_copy.T                          # ... copy the token found there
+        a1.c_proj.weight[:hd, tok] = 0.8 * R_copy
+    return lm
 
 
 def lm_model_config(cfg: LMConfig, vocab_size: int) -> dict:
@@ -471,6 +524,7 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on
     import model
 
     check_tries(cfg.tries, cfg.probe_step, cfg.steps, "LMConfig")
+    check_init(cfg.init, cfg.family, "LMConfig")
     if cfg.finish_min > 0 and min(cfg.probe_every, cfg.finish_steps) < 1:
         raise ValueError(f"world.py: LMConfig finish_min={cfg.finish_min:g} with probe_every={cfg.probe_every}, "
                          f"finish_steps={cfg.finish_steps}: expected both >= 1")
@@ -492,7 +546,7 @@ def pretrain_lm(world_dir, out_dir, cfg: LMConfig, tokenizer=None, log=print, on
     lm.eval()
     model.save_pretrained(lm, out_dir, tokenizer=tokenizer)
     result = {"seconds": time.time() - t0, "first_loss": first, "final_loss": ema, "steps": steps, "seed": seed,
-              "probes": probes}
+              "probes": probes, "init": cfg.init}
     _write_json(Path(out_dir) / "pretrain.json", dict(result, config=asdict(cfg)))  # what reuse_llm reads back
     return result
 
@@ -555,17 +609,20 @@ def reuse_llm(src, world_dir, out_dir, family: str, tokenizer, record: tuple) ->
 ONSET_WIDTH = 500  # steps from the probe's first >= 50% to its first >= 90%: at most this = abrupt (README, Stop 31)
 
 
-def icl_onset(probes: list, seed: int) -> dict:
+def icl_onset(probes: list, seed: int, init: str = "random") -> dict:
     """How the kept LLM try (train seed `seed`) learned in context, from pretrain_lm's probes ([seed, step, percent]):
     {"50": first step at >= 50%, "90": first step at >= 90% (None: never), "verdict"}. verdict: "abrupt" (within
     ONSET_WIDTH steps: every LLM MEND's stage 1 bound on, though it did not bind on every such one), "gradual"
     (slower, or 50% but never 90%: stage 1 bound on none of those of the filler world, in part on the four of the
-    item-phrase world; README, Stops 31 and 33), "none" (never 50%) or
-    "not measured" (fewer than two probes of that try: the plain world's single gate probe)."""
+    item-phrase world; README, Stops 31 and 33), "none" (never 50%),
+    "not measured" (fewer than two probes of that try: the plain world's single gate probe) or, for an LLM that
+    started with the induction circuit (init "induction") and was >= 90% at its first probe, "set by hand"."""
     mine = [(step, pct) for s, step, pct in probes if s == seed]
     first = lambda t: next((step for step, pct in mine if pct >= t), None)
     at50, at90 = first(50.0), first(90.0)
-    if len(mine) < 2:
+    if init == "induction" and mine and mine[0][1] >= 90.0:
+        verdict = "set by hand"
+    elif len(mine) < 2:
         verdict = "not measured"
     elif at50 is None:
         verdict = "none"
@@ -574,6 +631,15 @@ def icl_onset(probes: list, seed: int) -> dict:
     else:
         verdict = "gradual"
     return {"50": at50, "90": at90, "verdict": verdict}
+
+
+def check_init(init: str, family: str, where: str) -> None:
+    """One-line error unless `init` is a known LMConfig.init for `family` (induction: GPT-2's learned positions)."""
+    if init not in LLM_INITS:
+        raise ValueError(f"world.py: {where} init={init!r}: expected one of {', '.join(LLM_INITS)}")
+    if init == "induction" and family != "gpt2":
+        raise ValueError(f"world.py: {where} init='induction' is for --family gpt2 (learned positions), got {family}; "
+                         f"use init 'random' (--llm_init random)")
 
 
 def check_tries(tries: int, probe_step: int, steps: int, where: str) -> None:
@@ -601,6 +667,8 @@ def _train_lm(cfg: LMConfig, seed: int, tokenizer, lex: dict, wcfg: WorldConfig,
         return [e.ids[:cfg.seq_len] for e in tokenizer.encode_batch(texts)]
 
     lm = model.build_model(lm_model_config(cfg, tokenizer.get_vocab_size()))
+    if cfg.init == "induction":
+        induction_init(lm)
     if cfg.pos_init > 0 and cfg.family == "gpt2":
         with torch.no_grad():
             lm.transformer.wpe.weight.copy_(cfg.pos_init * sinusoids(cfg.n_positions, cfg.n_embd))
@@ -759,6 +827,9 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The command line: world -> tiny LLM + distiller -> train.py stage 1 and 2 -> eval.py -> bench.py
 
+STAGE1_FALLBACK = (8, 0.5, 1000, 64, 2e-3)   # RunConfig.stage1_fallback for an LLM learned from scratch (stop 26)
+
+
 @dataclass
 class RunConfig:
     """Sizes of one end-to-end run: the quick start's (the default world, 1-3 fillers); RunConfig.plain() is the
@@ -768,9 +839,11 @@ class RunConfig:
     # starts over with the next seed, up to 3 tries; one whose probe (every 250 steps) reaches 90% ends 500 steps
     # later, its loss flat by then (README, "Stop 29"). Every family gets the tries; a tiny LM that never learns in
     # context pays 2 x 2,000 more steps for them
+    # Since stop 35 the LLM starts with an induction circuit set by hand (LMConfig.init; every weight then trains): in
+    # context at its first probe (step 250), so it ends at step 750; the tries stay for --llm_init random
     llm: dict = field(default_factory=lambda: dict(steps=4000, batch_size=32, tries=3, probe_step=2000,
                                                    probe_min=50.0, finish_min=90.0, probe_every=250,
-                                                   finish_steps=500))
+                                                   finish_steps=500, init="induction"))
     # distiller: None = start from a copy of the trained LLM (an LM that already learns in context, as gpt2 is
     # for gpt2-large in the paper); a dict = a separate LM of the family trained from scratch with these sizes
     # (a d=64 one did not learn in context in 1,500 steps, and MEND with it stayed at chance)
@@ -818,8 +891,11 @@ class RunConfig:
     # placeholders started from LLM token embeddings ("vocab"); on an LLM whose three random-init tries stayed at
     # 0.23-0.25 it ended at 0.048 and MEND stage 1 reached 65.4 instead of 38.5, where stop 17's fallback (500 steps
     # at lr 4e-3, random init) ended at 0.392 (README, "Stop 26"). It is no better in general (0.18 and 0.13 on two
-    # LLMs whose random-init tries left the plateau): another draw, not a better recipe
-    stage1_fallback: tuple = (8, 0.5, 1000, 64, 2e-3)
+    # LLMs whose random-init tries left the plateau): another draw, not a better recipe. None since stop 35: on the
+    # induction-initialized LLMs the first phase ended at 0.11-0.14 on seeds 0 and 1, the fallback higher (0.18 /
+    # 0.20), and the final phase bound from the first anyway (dev 100.0): ~100 s for nothing. An LLM from scratch
+    # (--llm_init random, another --family, RunConfig.plain()) gets it back: STAGE1_FALLBACK
+    stage1_fallback: tuple = None
     stage1_fallback_init: str = "vocab"
     stage1_plateau: float = 0.1
     stage1_steps: int = 500
@@ -880,7 +956,7 @@ class RunConfig:
         three tries of the first warm-up phase; stage 1's phases as until stop 31 (500 + 500 middle steps, a final
         phase of 1,000), whose figures its README rows are."""
         return cls(llm=dict(steps=4000, batch_size=32, tries=3, probe_step=2000, probe_min=50.0), l=4,
-                   stage1_restarts=(3, 1), stage1_steps=1000,
+                   stage1_restarts=(3, 1), stage1_steps=1000, stage1_fallback=STAGE1_FALLBACK,
                    stage1_warmup=((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 500, 64, 2e-3), (32, 0.5, 500, 64, 2e-3)))
 
     @classmethod
@@ -962,8 +1038,10 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     out = Path(out)
     wcfg = world_cfg or (WorldConfig.quick(seed) if quick else WorldConfig(seed=seed))
     record = llm_record(llm_from, wcfg) if llm_from else None  # before anything here is touched (may be `out`)
-    (out / "results.json").unlink(missing_ok=True)  # written last: present = this run finished
     rcfg = run_cfg or (RunConfig.quick() if quick else RunConfig())
+    if not llm_from:
+        check_init(rcfg.llm.get("init", "random"), family, "RunConfig.llm")
+    (out / "results.json").unlink(missing_ok=True)  # written last: present = this run finished
     times, t_all = {}, time.time()
 
     def phase(name):
@@ -983,7 +1061,8 @@ def run_pipeline(out, family: str = "gpt2", seed: int = 0, quick: bool = False, 
     r = (reuse_llm(llm_from, wdir, out / "llm", family, tokenizer, record) if llm_from else
          pretrain_lm(wdir, out / "llm", lm_cfg, tokenizer=tokenizer, log=log))
     llm_info = {k: r[k] for k in ("seed", "probes", "final_loss", "steps", "reused_from") if k in r}
-    llm_info["icl_onset"] = onset = icl_onset(r["probes"], r["seed"])
+    llm_info["init"] = r.get("init", r.get("config", {}).get("init", "random"))   # older runs: random
+    llm_info["icl_onset"] = onset = icl_onset(r["probes"], r["seed"], llm_info["init"])
     saved = model.load_config(out / "llm")                         # the LLM's sizes as saved (trained or reused)
     width = saved.get("n_embd", saved.get("d_model", saved.get("hidden_size")))
     size = f"d={width}, {saved[_STACKS[saved['model_type']][0]]} layers"
@@ -1114,7 +1193,9 @@ def onset_line(onset: dict) -> str:
                        f"the item-phrase world's four (Stop 33); another --seed may help",
             "none": f"the LLM did not learn in context ({where}): ICL and MEND stay near chance; try another --seed "
                     f"or more --llm_tries",
-            "not measured": "the LLM's in-context onset was not measured (one probe per try)"}[onset["verdict"]]
+            "not measured": "the LLM's in-context onset was not measured (one probe per try)",
+            "set by hand": f"the LLM started with an induction circuit set by hand (--llm_init induction; {where}) and "
+                           f"trained on from there (README, Stop 35)"}[onset["verdict"]]
 
 
 def result_table(r: dict) -> str:
@@ -1154,7 +1235,7 @@ def result_table(r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="world.py", description="The offline tiny world: generate ICL tasks, train a "
-                                 "tiny LLM from scratch, then MEND and the baselines through train.py, eval.py and "
+                                 "tiny LLM, then MEND and the baselines through train.py, eval.py and "
                                  "bench.py.")
     ap.add_argument("--out", required=True, help="output folder (world, models, runs, results.json)")
     ap.add_argument("--seed", type=int, default=0)
@@ -1178,6 +1259,11 @@ def main(argv=None):
     ap.add_argument("--item_words", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="words per item phrase (WorldConfig.item_words; item i has MIN + i %% (MAX - MIN + 1)); "
                          "1 1 = one-word items")
+    ap.add_argument("--llm_init", choices=LLM_INITS, default=None,
+                    help="how the tiny LLM starts (LMConfig.init): induction = an induction circuit set by hand in "
+                         "layers 0-1, then trained as usual (default for gpt2 in the default world: in context from "
+                         "step 0); random = as transformers initializes it, ICL must emerge (default for --plain, "
+                         "--quick and the other families; README, Stop 35)")
     ap.add_argument("--llm_from", metavar="DIR", default=None,
                     help="reuse the tiny LLM of an earlier run's --out DIR (same world: --seed, --fillers, "
                          "--item_words, --plain / --quick) instead of training one; DIR may be --out itself (a "
@@ -1212,8 +1298,10 @@ def main(argv=None):
         ap.error(f"argument --fillers: expected 0 <= MIN <= MAX, got {args.fillers[0]} {args.fillers[1]}")
     if args.distiller_extra_layers is not None and args.distiller_extra_layers < 0:
         ap.error(f"argument --distiller_extra_layers: expected an integer >= 0, got {args.distiller_extra_layers}")
-    if args.llm_from is not None and (args.llm_steps or args.llm_tries):
-        ap.error("argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries do not apply")
+    if args.llm_from is not None and (args.llm_steps or args.llm_tries or args.llm_init):
+        ap.error("argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries / --llm_init do not apply")
+    if args.llm_init == "induction" and args.family != "gpt2":
+        ap.error(f"argument --llm_init: induction is for --family gpt2 (learned positions), got {args.family}")
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -1225,6 +1313,10 @@ def main(argv=None):
         rcfg.llm = dict(rcfg.llm, steps=args.llm_steps)
     if args.llm_tries:
         rcfg.llm = dict(rcfg.llm, tries=args.llm_tries)
+    if args.llm_init or args.family != "gpt2":
+        rcfg.llm = dict(rcfg.llm, init=args.llm_init or "random")
+    if rcfg.llm.get("init", "random") == "random" and not args.quick:  # an LLM learned from scratch: stop 26's
+        rcfg.stage1_fallback = STAGE1_FALLBACK                            # first-phase fallback, as until stop 34
     llm = LMConfig(**rcfg.llm)
     if llm.tries > 1 and llm.steps < llm.probe_step:
         ap.error(f"argument --llm_steps: {llm.steps} ends before the LLM's in-context probe at step {llm.probe_step} "

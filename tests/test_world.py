@@ -357,6 +357,13 @@ def test_icl_onset_tells_abrupt_from_gradual():
     assert world.icl_onset([[0, 1000, 55.0], [0, 4000, 89.9]], 0) == {"50": 1000, "90": None, "verdict": "gradual"}
     assert world.icl_onset([[0, 2000, 99.5]], 0) == {"50": 2000, "90": 2000, "verdict": "not measured"}
     assert world.icl_onset([], 0)["verdict"] == "not measured"
+    # an LLM that started with the induction circuit: >= 90% at its first probe, then finished
+    assert world.icl_onset([[0, 250, 100.0]], 0, "induction") == {"50": 250, "90": 250, "verdict": "set by hand"}
+    assert world.icl_onset([[0, 250, 100.0]], 0) == {"50": 250, "90": 250, "verdict": "not measured"}
+    assert world.icl_onset([[0, 250, 40.0], [0, 500, 95.0]], 0, "induction")["verdict"] == "abrupt"
+    assert world.onset_line(world.icl_onset([[0, 250, 100.0]], 0, "induction")) == \
+        "the LLM started with an induction circuit set by hand (--llm_init induction; probe >= 50% at step 250, " \
+        ">= 90% at step 250) and trained on from there (README, Stop 35)"
     lines = {v: world.onset_line(world.icl_onset(p, s)) for v, p, s in
              (("abrupt", a0, 1), ("gradual", d1, 3), ("none", a0, 0), ("not measured", [], 0))}
     assert lines == {
@@ -370,6 +377,50 @@ def test_icl_onset_tells_abrupt_from_gradual():
         "not measured": "the LLM's in-context onset was not measured (one probe per try)"}
     assert world.onset_line({"50": 1000, "90": None, "verdict": "gradual"}).startswith(
         "the LLM learned in context gradually (probe >= 50% at step 1000, never >= 90%): ")
+
+
+def test_induction_init_is_in_context_learning_at_step_0(tmp_path):
+    """LMConfig.init = "induction" (the default world's LLM since stop 35): a freshly built GPT-2 with the circuit
+    set by hand answers the default world's probe by induction before any training (100% on seeds 0 and 1), where
+    the same model as transformers initializes it is near chance; layer 0 head 0 attends to the previous token;
+    the circuit needs 2 layers and room for three head-wide subspaces, and only GPT-2 gets it (one-line errors)."""
+    wcfg = world.WorldConfig(seed=0)
+    lex = world.make_lexicon(wcfg)
+    rng = __import__("random").Random(0)
+    tok = world.train_tokenizer([world.make_passage(rng, lex, wcfg) for _ in range(1000)])
+    build = lambda: model.build_model(world.lm_model_config(world.LMConfig(), tok.get_vocab_size())).eval()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        lm = world.induction_init(build())
+        assert world.icl_probe(lm, tok, lex, wcfg, n_tasks=16) == 100.0
+    torch.manual_seed(0)
+    assert world.icl_probe(build(), tok, lex, wcfg, n_tasks=16) < 50.0
+    # layer 0 head 0: >= 0.95 of its attention on position i - 1 (i >= 1)
+    ids = torch.tensor([tok.encode(world.make_passage(rng, lex, wcfg)).ids[:40]])
+    T, hd = ids.shape[1], lm.config.n_embd // lm.config.n_head
+    with torch.no_grad():
+        x = lm.transformer.h[0].ln_1(lm.transformer.wte(ids) + lm.transformer.wpe(torch.arange(T))[None])
+        q, k, _ = lm.transformer.h[0].attn.c_attn(x)[0].split(lm.config.n_embd, -1)
+        att = ((q[:, :hd] @ k[:, :hd].T) / math.sqrt(hd)).masked_fill(torch.ones(T, T).triu(1).bool(), -1e9)
+        assert att.softmax(-1).diagonal(-1).min() >= 0.95
+    one_layer = model.build_model(world.lm_model_config(world.LMConfig(n_layer=1), tok.get_vocab_size()))
+    with pytest.raises(ValueError) as e:
+        world.induction_init(one_layer)
+    assert str(e.value) == "world.py: LMConfig.init='induction' needs n_layer >= 2 and n_embd >= 4 x head width, " \
+                           "got n_layer=1, n_embd=128, n_head=4"
+    with pytest.raises(ValueError) as e:
+        world.pretrain_lm(tmp_path, tmp_path / "lm", world.LMConfig(family="t5", init="induction"), tokenizer=tok)
+    assert str(e.value) == "world.py: LMConfig init='induction' is for --family gpt2 (learned positions), got t5; " \
+                           "use init 'random' (--llm_init random)"
+    with pytest.raises(ValueError) as e:
+        world.pretrain_lm(tmp_path, tmp_path / "lm", world.LMConfig(init="sinusoid"), tokenizer=tok)
+    assert str(e.value) == "world.py: LMConfig init='sinusoid': expected one of induction, random"
+    assert not (tmp_path / "lm").exists()
+    with pytest.raises(ValueError) as e:                     # the default RunConfig with another family: before
+        world.run_pipeline(tmp_path / "run", family="opt", threads=1, log=lambda *a: None)   # anything is written
+    assert str(e.value) == "world.py: RunConfig.llm init='induction' is for --family gpt2 (learned positions), got " \
+                           "opt; use init 'random' (--llm_init random)"
+    assert not (tmp_path / "run").exists()
 
 
 def test_icl_probe_scores_the_label_that_follows_the_query_in_D(quick_world, monkeypatch):
@@ -704,7 +755,8 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     with pytest.raises(SystemExit):
         world.main(["--out", str(tmp_path), "--llm_from", str(tmp_path), "--llm_tries", "2"])
     assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
-        "world.py: error: argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries do not apply"
+        "world.py: error: argument --llm_from: reuses a trained LLM, so --llm_steps / --llm_tries / --llm_init do " \
+        "not apply"
     world.main(["--out", str(tmp_path), "--plain", "--seed", "2"])                  # stops 13-28's world and recipe
     assert seen["world_cfg"] == world.WorldConfig.plain(2) and seen["world_cfg"].fillers_per_input == (0, 0)
     assert seen["run_cfg"] == world.RunConfig.plain() and seen["run_cfg"].l == 4
@@ -726,6 +778,22 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert seen["run_cfg"] == dataclasses.replace(world.RunConfig(), stage1_steps=1000)
     world.main(["--out", str(tmp_path), "--quick", "--stage1_steps", "300"])
     assert seen["run_cfg"] == dataclasses.replace(world.RunConfig.quick(), stage1_steps=300)
+    assert world.RunConfig().llm["init"] == "induction" and "init" not in world.RunConfig.plain().llm
+    assert world.RunConfig().stage1_fallback is None and world.RunConfig.plain().stage1_fallback == (8, 0.5, 1000, 64,
+                                                                                                     2e-3)
+    scratch = dataclasses.replace(world.RunConfig(), llm=dict(world.RunConfig().llm, init="random"),
+                                  stage1_fallback=world.STAGE1_FALLBACK)             # stops 29-34's recipe
+    world.main(["--out", str(tmp_path), "--llm_init", "random"])
+    assert seen["run_cfg"] == scratch and world.STAGE1_FALLBACK == (8, 0.5, 1000, 64, 2e-3)
+    world.main(["--out", str(tmp_path), "--family", "t5"])                         # only GPT-2 gets the circuit
+    assert seen["run_cfg"] == scratch
+    world.main(["--out", str(tmp_path), "--plain", "--llm_init", "induction"])
+    assert seen["run_cfg"].llm == dict(world.RunConfig.plain().llm, init="induction")
+    seen.clear()
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--family", "opt", "--llm_init", "induction"])
+    assert seen == {} and capsys.readouterr().err.splitlines()[-1] == \
+        "world.py: error: argument --llm_init: induction is for --family gpt2 (learned positions), got opt"
     for flag, value in (("--l", "0"), ("--stage1_restarts", "0"), ("--llm_steps", "-5"), ("--llm_tries", "0"),
                         ("--stage1_steps", "0"), ("--threads", "0")):
         seen.clear()
