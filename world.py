@@ -893,8 +893,9 @@ class RunConfig:
     # at lr 4e-3, random init) ended at 0.392 (README, "Stop 26"). It is no better in general (0.18 and 0.13 on two
     # LLMs whose random-init tries left the plateau): another draw, not a better recipe. None since stop 35: on the
     # induction-initialized LLMs the first phase ended at 0.11-0.14 on seeds 0 and 1, the fallback higher (0.18 /
-    # 0.20), and the final phase bound from the first anyway (dev 100.0): ~100 s for nothing. An LLM from scratch
-    # (--llm_init random, another --family, RunConfig.plain()) gets it back: STAGE1_FALLBACK
+    # 0.20), and the final phase bound from the first anyway (dev 100.0): ~100 s for nothing; on seeds 2 and 3, whose
+    # first phase stuck (0.19-0.20) and MEND with it, it stuck too (0.19). An LLM from scratch (--llm_init random,
+    # another --family, RunConfig.plain()) gets it back: STAGE1_FALLBACK
     stage1_fallback: tuple = None
     stage1_fallback_init: str = "vocab"
     stage1_plateau: float = 0.1
