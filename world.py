@@ -828,6 +828,8 @@ def quick_icl_check(model_dir, world_dir, seeds=SEEDS, max_queries: int = None, 
 # 4. The command line: world -> tiny LLM + distiller -> train.py stage 1 and 2 -> eval.py -> bench.py
 
 STAGE1_FALLBACK = (8, 0.5, 1000, 64, 2e-3)   # RunConfig.stage1_fallback for an LLM learned from scratch (stop 26)
+# RunConfig.stage1_warmup for an LLM learned from scratch in the default world: stops 32-35's, at lr 2e-3 (stop 36)
+STAGE1_WARMUP_2E3 = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 1000, 64, 2e-3), (32, 0.5, 1000, 64, 2e-3))
 
 
 @dataclass
@@ -879,7 +881,12 @@ class RunConfig:
     # MEND rose from 63.1 to 75.9 (README, "Stop 32"). Another 1,000 32-token steps on seed 3: dev 70.0, +180 s.
     # In the item-phrase world a 1,000-step final phase (--stage1_steps 1000) gave MEND 83.5 / 74.2 against 82.5 /
     # 72.5 on seeds 5 / 4 for ~230 s more, and 2,000 steps peaked at dev 83.1 (README, "Stop 34")
-    stage1_warmup: tuple = ((8, 0.5, 1000, 64, 2e-3), (16, 0.5, 1000, 64, 2e-3), (32, 0.5, 1000, 64, 2e-3))
+    # Since stop 36 the warm-up phases run at lr 1e-3 (2e-3 until then; plain() keeps it): on the induction-initialized
+    # LLMs the 8-token phase learns everything but the (key, label) binding by step 200 and then stays at ~0.20 at 2e-3
+    # (seed 2's LLM: 5 tries of 5), and a 16-token phase at 2e-3 lost a first-phase binding (0.149 -> 0.350); at 1e-3
+    # the phases ended at 0.086 / 0.111 / 0.008 (seed 2) and 0.149 / 0.004 / ... (seed 3), stage 1's dev 100.0 where
+    # 2e-3 left MEND at chance on both (README, "Stop 36")
+    stage1_warmup: tuple = ((8, 0.5, 1000, 64, 1e-3), (16, 0.5, 1000, 64, 1e-3), (32, 0.5, 1000, 64, 1e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
     # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int
     # per phase (the last repeats), or one for all. The later phases run once: their seeds moved MEND ~2 points. With
@@ -1264,7 +1271,8 @@ def main(argv=None):
                     help="how the tiny LLM starts (LMConfig.init): induction = an induction circuit set by hand in "
                          "layers 0-1, then trained as usual (default for gpt2 in the default world: in context from "
                          "step 0); random = as transformers initializes it, ICL must emerge (default for --plain, "
-                         "--quick and the other families; README, Stop 35)")
+                         "--quick and the other families; in the default world it brings back stops 32-34's stage 1: "
+                         "warm-ups at lr 2e-3 and the first-phase fallback; README, Stops 35-36)")
     ap.add_argument("--llm_from", metavar="DIR", default=None,
                     help="reuse the tiny LLM of an earlier run's --out DIR (same world: --seed, --fillers, "
                          "--item_words, --plain / --quick) instead of training one; DIR may be --out itself (a "
@@ -1317,7 +1325,9 @@ def main(argv=None):
     if args.llm_init or args.family != "gpt2":
         rcfg.llm = dict(rcfg.llm, init=args.llm_init or "random")
     if rcfg.llm.get("init", "random") == "random" and not args.quick:  # an LLM learned from scratch: stop 26's
-        rcfg.stage1_fallback = STAGE1_FALLBACK                            # first-phase fallback, as until stop 34
+        rcfg.stage1_fallback = STAGE1_FALLBACK                            # first-phase fallback, as until stop 34,
+        if not args.plain:                                                # and the warm-ups at lr 2e-3, as until
+            rcfg.stage1_warmup = STAGE1_WARMUP_2E3                        # stop 35 (--plain has its own)
     llm = LMConfig(**rcfg.llm)
     if llm.tries > 1 and llm.steps < llm.probe_step:
         ap.error(f"argument --llm_steps: {llm.steps} ends before the LLM's in-context probe at step {llm.probe_step} "

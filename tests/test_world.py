@@ -634,13 +634,15 @@ def test_run_config_rejects_a_curriculum_phase_without_batch_size():
 def test_stage1_steps_per_phase_of_the_default_and_plain_recipes():
     """Stage 1's steps per phase (the warm-ups, then the final one): since stop 32 the default has longer 16- and
     32-token phases and a 500-step final phase; --plain keeps stops 13-31's, the recipe behind its README figures.
-    Both share the phases' lengths, beta, batch and lr."""
+    Both share the phases' lengths, beta and batch; the default's warm-ups run at lr 1e-3 since stop 36, --plain's
+    at 2e-3."""
     default, plain = world.RunConfig(), world.RunConfig.plain()
     assert [ph[2] for ph in default.stage1_warmup] + [default.stage1_steps] == [1000, 1000, 1000, 500]
     assert [ph[2] for ph in plain.stage1_warmup] + [plain.stage1_steps] == [1000, 500, 500, 1000]
-    same = [[ph[i] for i in (0, 1, 3, 4)] for ph in default.stage1_warmup]
-    assert same == [[ph[i] for i in (0, 1, 3, 4)] for ph in plain.stage1_warmup] == \
-        [[8, 0.5, 64, 2e-3], [16, 0.5, 64, 2e-3], [32, 0.5, 64, 2e-3]]
+    same = [[ph[i] for i in (0, 1, 3)] for ph in default.stage1_warmup]
+    assert same == [[ph[i] for i in (0, 1, 3)] for ph in plain.stage1_warmup] == \
+        [[8, 0.5, 64], [16, 0.5, 64], [32, 0.5, 64]]
+    assert [ph[4] for ph in default.stage1_warmup] == [1e-3] * 3 and [ph[4] for ph in plain.stage1_warmup] == [2e-3] * 3
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
@@ -782,7 +784,10 @@ def test_main_flags_reach_the_run_config_and_bad_values_fail_in_one_line(monkeyp
     assert world.RunConfig().stage1_fallback is None and world.RunConfig.plain().stage1_fallback == (8, 0.5, 1000, 64,
                                                                                                      2e-3)
     scratch = dataclasses.replace(world.RunConfig(), llm=dict(world.RunConfig().llm, init="random"),
-                                  stage1_fallback=world.STAGE1_FALLBACK)             # stops 29-34's recipe
+                                  stage1_fallback=world.STAGE1_FALLBACK,             # stops 32-34's recipe
+                                  stage1_warmup=world.STAGE1_WARMUP_2E3)
+    assert [ph[4] for ph in world.STAGE1_WARMUP_2E3] == [2e-3] * 3
+    assert [ph[:4] for ph in world.STAGE1_WARMUP_2E3] == [ph[:4] for ph in world.RunConfig().stage1_warmup]
     world.main(["--out", str(tmp_path), "--llm_init", "random"])
     assert seen["run_cfg"] == scratch and world.STAGE1_FALLBACK == (8, 0.5, 1000, 64, 2e-3)
     world.main(["--out", str(tmp_path), "--family", "t5"])                         # only GPT-2 gets the circuit
