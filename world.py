@@ -883,9 +883,9 @@ class RunConfig:
     # 72.5 on seeds 5 / 4 for ~230 s more, and 2,000 steps peaked at dev 83.1 (README, "Stop 34")
     # Since stop 36 the warm-up phases run at lr 1e-3 (2e-3 until then; plain() keeps it): on the induction-initialized
     # LLMs the 8-token phase learns everything but the (key, label) binding by step 200 and then stays at ~0.20 at 2e-3
-    # (seed 2's LLM: 5 tries of 5), and a 16-token phase at 2e-3 lost a first-phase binding (0.149 -> 0.350); at 1e-3
-    # the phases ended at 0.086 / 0.111 / 0.008 (seed 2) and 0.149 / 0.004 / ... (seed 3), stage 1's dev 100.0 where
-    # 2e-3 left MEND at chance on both (README, "Stop 36")
+    # (six tries of six on seeds 2 and 3), and a 16-token phase at 2e-3 lost a first-phase binding (0.149 -> 0.350);
+    # at 1e-3 the phases ended at 0.086 / 0.111 / 0.008 (seed 2) and 0.149 / 0.004 / 0.003 (seed 3), stage 1's dev
+    # 100.0 where 2e-3 left MEND at chance on both (README, "Stop 36")
     stage1_warmup: tuple = ((8, 0.5, 1000, 64, 1e-3), (16, 0.5, 1000, 64, 1e-3), (32, 0.5, 1000, 64, 1e-3))
     # each warm-up phase is run with this many train.py seeds (seed, seed + 1, ...) from the previous phase's choice,
     # and the try with the lowest end-of-phase L_distill goes on: a stuck first phase leaves MEND at chance. One int

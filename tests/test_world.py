@@ -642,7 +642,8 @@ def test_stage1_steps_per_phase_of_the_default_and_plain_recipes():
     same = [[ph[i] for i in (0, 1, 3)] for ph in default.stage1_warmup]
     assert same == [[ph[i] for i in (0, 1, 3)] for ph in plain.stage1_warmup] == \
         [[8, 0.5, 64], [16, 0.5, 64], [32, 0.5, 64]]
-    assert [ph[4] for ph in default.stage1_warmup] == [1e-3] * 3 and [ph[4] for ph in plain.stage1_warmup] == [2e-3] * 3
+    assert [ph[4] for ph in default.stage1_warmup] == [1e-3] * 3
+    assert [ph[4] for ph in plain.stage1_warmup] == [2e-3] * 3
 
 
 def test_filler_variant_keeps_the_induction_rule_exact(tmp_path):
